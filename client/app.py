@@ -1,0 +1,197 @@
+"""The fedpriv ClientApp (Flower Message API): ``train`` and ``evaluate`` handlers.
+
+Train reply: ``arrays`` (trainable tensors only), ``metrics`` (``num-examples`` = training examples, loss,
+accuracy, bytes, ε), ``info`` (node name, status, the ledger entry as JSON). A node that refuses (budget,
+δ too large) replies with ``num-examples = 0``, no arrays, and the reason in ``info``; a node whose data cannot
+be opened replies with a Flower error. Evaluate replies carry metrics and per-group confusion counts only,
+never the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from common.config import RunConfig
+
+log = logging.getLogger("fedpriv.client")
+
+ERROR_CODE_DATA = 4001  # the node's dataset could not be opened or validated
+ERROR_CODE_TRAIN = 4002  # training failed on the node
+
+
+def _run_config(msg: Message) -> RunConfig:
+    cfg = msg.content["config"]
+    return RunConfig.from_mapping({k: v for k, v in cfg.items() if not k.startswith("fedpriv-") and k != "server-round"},
+                                  ignore_unknown=True)
+
+
+def _build_model(cfg: RunConfig, node):
+    from common.model import ModelSpec, build_model
+
+    source = node.model_dir or cfg.model
+    spec = ModelSpec(source=source, labels=tuple(cfg.label_names), train_part=cfg.train_part,
+                     top_k_layers=cfg.top_k_layers, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
+    return build_model(spec), source
+
+
+def _error_reply(msg: Message, code: int, reason: str) -> Message:
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -> Message:
+    from client.node import NodePrivacy, derived_seed, load_node_config, load_node_data, node_name
+    from client.train import DpSettings, TrainSettings, train_local
+    from common.model import (
+        choose_device,
+        from_array_record,
+        load_trainable,
+        to_array_record,
+        trainable_state,
+    )
+
+    cfg = _run_config(msg)
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    run = str(config.get("fedpriv-run", msg.metadata.run_id))
+    planned_rounds = int(config.get("fedpriv-planned-rounds", cfg.num_server_rounds))
+    try:
+        node = load_node_config(dict(context.node_config), sim_nodes_dir)
+        name = node_name(node, dict(context.node_config), context.node_id)
+        model, source = _build_model(cfg, node)
+        data = load_node_data(node, cfg, model_source=source)
+    except Exception as exc:  # the reply must say why; the run continues without this node
+        log.error("train round=%s: cannot open dataset: %s", server_round, exc)
+        return _error_reply(msg, ERROR_CODE_DATA, f"dataset cannot be used: {exc}")
+
+    info: dict[str, Any] = {"node": name, "status": "ok"}
+    plan = None
+    privacy = None
+    if cfg.dp:
+        privacy = NodePrivacy(node, cfg, name=name, data=data)
+        plan, refusal = privacy.plan(run=run, server_round=server_round, planned_rounds=planned_rounds)
+        if refusal is not None:
+            log.warning("node=%s round=%s refused: %s", name, server_round, refusal)
+            info.update(status="refused", reason=refusal, epsilon=privacy.accountant.epsilon(),
+                        budget=privacy.budget)
+            return Message(RecordDict({
+                "metrics": MetricRecord({"num-examples": 0}),
+                "info": ConfigRecord({"json": json.dumps(info)}),
+            }), reply_to=msg)
+
+    incoming = from_array_record(msg.content["arrays"])
+    load_trainable(model, incoming)
+    device = choose_device(node.device or cfg.device)
+    settings = TrainSettings(
+        epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        max_physical_batch_size=cfg.max_physical_batch_size,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_ratio=cfg.warmup_ratio,
+        seed=derived_seed(cfg.seed, run, name, server_round),
+    )
+    dp = None
+    noise_seed = None
+    if plan is not None:
+        noise_seed = derived_seed(cfg.noise_seed, name, server_round) if cfg.noise_seed >= 0 else None
+        dp = DpSettings(noise_multiplier=plan.noise_multiplier, clipping_norm=cfg.clipping_norm,
+                        grad_sample_mode="ghost" if cfg.train_part == "full" else "hooks", noise_seed=noise_seed)
+    try:
+        result = train_local(model, data.train, settings=settings, device=device, dp=dp)
+    except Exception as exc:
+        log.exception("node=%s round=%s training failed", name, server_round)
+        return _error_reply(msg, ERROR_CODE_TRAIN, f"training failed: {type(exc).__name__}: {exc}")
+    metrics: dict[str, Any] = {
+        "num-examples": len(data.train),
+        "train-loss": float(result.loss),
+        "train-accuracy": float(result.accuracy),
+        "train-seconds": float(result.seconds),
+    }
+    if plan is not None and privacy is not None:
+        entry = privacy.commit(plan, run=run, server_round=server_round, noise_seed=noise_seed)
+        metrics.update({"epsilon": float(entry["epsilon"]), "epsilon-round": float(entry["epsilon_round"]),
+                        "noise-multiplier": float(plan.noise_multiplier)})
+        info.update(ledger_entry=entry, public_key=privacy.public_key_path.read_text())
+    arrays = to_array_record(trainable_state(model))
+    metrics["bytes-up"] = int(arrays.count_bytes())
+    log.info("node=%s round=%s trained n=%d loss=%.4f eps=%s", name, server_round, len(data.train), result.loss,
+             metrics.get("epsilon", "off"))
+    return Message(RecordDict({
+        "arrays": arrays,
+        "metrics": MetricRecord(metrics),
+        "info": ConfigRecord({"json": json.dumps(info)}),
+    }), reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context, *, sim_nodes_dir: str | None) -> Message:
+    from client.node import count_dict_to_json, derived_seed, load_node_config, load_node_data, node_name
+    from common.fairness import group_confusions, noisy_group_confusions
+    from common.inference import predict
+    from common.model import choose_device, from_array_record, load_trainable
+
+    cfg = _run_config(msg)
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    run = str(config.get("fedpriv-run", msg.metadata.run_id))
+    try:
+        node = load_node_config(dict(context.node_config), sim_nodes_dir)
+        name = node_name(node, dict(context.node_config), context.node_id)
+        model, source = _build_model(cfg, node)
+        data = load_node_data(node, cfg, model_source=source)
+    except Exception as exc:
+        return _error_reply(msg, ERROR_CODE_DATA, f"dataset cannot be used: {exc}")
+    load_trainable(model, from_array_record(msg.content["arrays"]))
+    start = time.perf_counter()
+    res = predict(model, data.val, device=choose_device(node.device or cfg.device))
+    groups = data.val.groups if data.val.groups is not None else ["all"] * len(data.val)
+    cms = group_confusions(res.y_true, res.y_pred, groups, num_classes=len(cfg.label_names))
+    info: dict[str, Any] = {"node": name, "count_noise_epsilon": 0.0}
+    eps_counts = max(node.count_noise_epsilon, cfg.count_noise_epsilon)
+    if eps_counts > 0:
+        rng = np.random.default_rng(derived_seed(cfg.seed, name, server_round, "counts") if cfg.noise_seed >= 0 else None)
+        cms = noisy_group_confusions(cms, epsilon=eps_counts, rng=rng)
+        info["count_noise_epsilon"] = eps_counts
+        if cfg.dp:
+            from client.node import NodePrivacy
+
+            privacy = NodePrivacy(node, cfg, name=name, data=data)
+            info["ledger_entry"] = privacy.record_count_noise(run=run, server_round=server_round, epsilon=eps_counts)
+    n = len(data.val)
+    metrics = {
+        "num-examples": n,
+        "loss-sum": float(res.loss_sum) if eps_counts == 0 else 0.0,
+        "eval-seconds": time.perf_counter() - start,
+    }
+    info["counts"] = count_dict_to_json(cms, cfg.label_names)
+    return Message(RecordDict({
+        "metrics": MetricRecord(metrics),
+        "info": ConfigRecord({"json": json.dumps(info)}),
+    }), reply_to=msg)
+
+
+def build_client_app(sim_nodes_dir: str | None = None) -> ClientApp:
+    """A ClientApp. ``sim_nodes_dir`` is for simulations only: virtual nodes read their node config there."""
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, sim_nodes_dir=sim_nodes_dir)
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, context, sim_nodes_dir=sim_nodes_dir)
+
+    return client_app
+
+
+# The deployment ClientApp (pyproject: clientapp = "client.app:app"): node settings from --node-config.
+app = build_client_app()
+
+__all__ = ["app", "build_client_app", "ArrayRecord"]

@@ -1,0 +1,57 @@
+"""The ``fedpriv`` command: parse arguments and dispatch. No logic lives here.
+
+Each sub-command lives in a ``fedpriv/cmd_*.py`` module that exposes ``register(subparsers)``; the module
+adds its parser and sets ``func`` (a callable taking the parsed namespace and returning an exit code).
+Heavy imports (torch, flwr, transformers) happen inside the handlers so that ``fedpriv --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = (
+    "fedpriv.cmd_simulate",
+    "fedpriv.cmd_dataset",
+    "fedpriv.cmd_ledger",
+    "fedpriv.cmd_audit",
+    "fedpriv.cmd_fairness",
+    "fedpriv.cmd_certs",
+    "fedpriv.cmd_status",
+    "fedpriv.cmd_compress",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedpriv",
+        description="Federated, differentially private fine-tuning of BERT text classifiers.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # command not shipped in this build
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("fedpriv: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

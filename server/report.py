@@ -1,0 +1,158 @@
+"""The run report: ``report.md`` and ``report.html`` with PNG charts, written from ``metrics.jsonl``.
+
+Sections: summary, accuracy and loss over rounds, privacy (ε per node over rounds), fairness (per-group table
+of the last round, per-group TPR/FPR and gaps over rounds), and a per-round table.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from common.config import RunConfig
+from server.rundir import RunDir, atomic_write_text
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _epsilon_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        eps = r.get("epsilon") or {}
+        out.append({"round": r["round"], **{f"eps:{k}": v for k, v in eps.items()}})
+    return out
+
+
+def write_report(rundir: RunDir, cfg: RunConfig) -> tuple[Path, Path]:
+    """Write report.md and report.html (+ plots/) for the run; returns both paths."""
+    from common import plots
+
+    rows = rundir.read_metrics()
+    plot_dir = rundir.path / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    charts: list[tuple[str, Path]] = []
+    if rows:
+        acc_keys = [k for k in ("accuracy", "macro_f1", "eval_accuracy", "eval_macro_f1") if any(k in r for r in rows)]
+        charts.append(("Accuracy over rounds", plots.plot_metric_over_rounds(
+            rows, acc_keys, plot_dir / "accuracy.png", title="Accuracy and macro-F1", ylabel="score")))
+        loss_keys = [k for k in ("loss", "train_loss", "eval_loss") if any(k in r for r in rows)]
+        charts.append(("Loss over rounds", plots.plot_metric_over_rounds(
+            rows, loss_keys, plot_dir / "loss.png", title="Loss", ylabel="cross-entropy")))
+        eps_rows = _epsilon_rows(rows)
+        eps_keys = sorted({k for r in eps_rows for k in r if k.startswith("eps:")})
+        if eps_keys:
+            charts.append(("Privacy spent (ε per node)", plots.plot_metric_over_rounds(
+                eps_rows, eps_keys, plot_dir / "epsilon.png", title="ε spent per node", ylabel="ε")))
+        if any(r.get("fairness") for r in rows):
+            charts.append(("Per-group TPR/FPR over rounds", plots.plot_group_rates_over_rounds(
+                rows, plot_dir / "group_rates.png")))
+            charts.append(("Fairness gaps over rounds", plots.plot_gaps_over_rounds(rows, plot_dir / "gaps.png")))
+
+    last = rows[-1] if rows else {}
+    md: list[str] = [f"# fedpriv run report — `{rundir.path.name}`", ""]
+    md += ["## Summary", "",
+           f"- Model: `{cfg.model}` (train part `{cfg.train_part}`), labels: {', '.join(cfg.label_names)}",
+           f"- Rounds completed: {len(rows)} of {cfg.num_server_rounds}; aggregation `{cfg.aggregation}`",
+           f"- Differential privacy: {'DP-SGD, accountant ' + cfg.accountant + f', clipping norm {cfg.clipping_norm}' if cfg.dp else 'off'}",
+           f"- Last round: accuracy {_fmt(last.get('accuracy'))}, macro-F1 {_fmt(last.get('macro_f1'))}"
+           + (f", eval accuracy {_fmt(last.get('eval_accuracy'))}" if "eval_accuracy" in last else ""), ""]
+    if last.get("epsilon"):
+        md += ["## Privacy", "", "| node | ε spent |", "|---|---|"]
+        md += [f"| {n} | {_fmt(e)} |" for n, e in sorted(last["epsilon"].items())]
+        md += [""]
+    fair = last.get("fairness")
+    if fair:
+        md += ["## Fairness (last round, federated validation)", ""]
+        md += _fairness_md(fair)
+    md += ["## Rounds", "", "| round | status | accuracy | macro-F1 | loss | eval acc | nodes | seconds |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['round']} | {r.get('status')} | {_fmt(r.get('accuracy'))} | {_fmt(r.get('macro_f1'))} | "
+                  f"{_fmt(r.get('loss'))} | {_fmt(r.get('eval_accuracy'))} | {r.get('nodes_trained')} | "
+                  f"{_fmt(r.get('seconds'), 1)} |")
+    md.append("")
+    for title, path in charts:
+        md += [f"### {title}", "", f"![{title}](plots/{path.name})", ""]
+    md_text = "\n".join(md)
+    md_path = rundir.path / "report.md"
+    atomic_write_text(md_path, md_text)
+    html_path = rundir.path / "report.html"
+    atomic_write_text(html_path, _markdown_to_html(md_text, title=f"fedpriv report {rundir.path.name}"))
+    return md_path, html_path
+
+
+def _value(v: Any) -> Any:
+    return v.get("value") if isinstance(v, dict) else v
+
+
+def _fairness_md(fair: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    groups = fair.get("groups") or {}
+    if groups:
+        out += ["| group | n | selection rate | accuracy | TPR | FPR | small |", "|---|---|---|---|---|---|---|"]
+        for g, m in sorted(groups.items()):
+            vals = [_fmt(_value(m.get(k))) for k in ("selection_rate", "accuracy", "tpr", "fpr")]
+            out.append(f"| {g} | {m.get('n')} | " + " | ".join(vals) + f" | {'yes' if m.get('small_group') else ''} |")
+        out.append("")
+    gaps = fair.get("gaps") or {}
+    if gaps:
+        out += ["| gap | value |", "|---|---|"]
+        out += [f"| {k} | {_fmt(_value(v))} |" for k, v in sorted(gaps.items())]
+        out.append("")
+    if not groups and not gaps:
+        out += ["```", json.dumps(fair, indent=1)[:4000], "```", ""]
+    return out
+
+
+def _markdown_to_html(md: str, *, title: str) -> str:
+    """A small Markdown subset (headings, tables, images, lists, code) rendered to standalone HTML."""
+    body: list[str] = []
+    in_table = False
+    in_code = False
+    for line in md.splitlines():
+        if line.startswith("```"):
+            body.append("</pre>" if in_code else "<pre>")
+            in_code = not in_code
+            continue
+        if in_code:
+            body.append(html.escape(line))
+            continue
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if all(set(c) <= {"-", ":"} for c in cells):
+                continue
+            if not in_table:
+                body.append("<table>")
+                in_table = True
+                body.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>")
+            else:
+                body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")
+        elif line.startswith("!["):
+            alt = line[2:line.index("]")]
+            src = line[line.index("(") + 1:line.rindex(")")]
+            body.append(f'<p><img src="{html.escape(src)}" alt="{html.escape(alt)}" style="max-width:720px"></p>')
+        elif line.startswith("- "):
+            body.append(f"<ul><li>{html.escape(line[2:])}</li></ul>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    if in_table:
+        body.append("</table>")
+    style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

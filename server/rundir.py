@@ -1,0 +1,180 @@
+"""The run directory: resolved config, per-round metrics, atomic checkpoints, ledgers, final model.
+
+Layout::
+
+    RUN_DIR/
+      config.json            resolved RunConfig (plus run id)
+      metrics.jsonl          one JSON object per completed round
+      checkpoint/state.json  the commit point: round, run id, arrays file, strategy/accountant state
+      checkpoint/arrays-rNNNN.npz
+      ledgers/<node>.jsonl   server copies of the node ledgers, ledgers/<node>.pub their public keys
+      model/                 final model (save_pretrained + tokenizer)
+      report.md, report.html, plots/*.png
+
+A round is committed in two steps: its metrics line is appended (fsync), then ``checkpoint/state.json`` is
+replaced atomically. On resume, metrics lines after the checkpointed round are dropped, so a crash between
+the two steps never leaves a half-recorded round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class RunDir:
+    """Reads and writes one run directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # ------------------------------------------------------------------------------------ paths
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoint"
+
+    @property
+    def ledgers_dir(self) -> Path:
+        return self.path / "ledgers"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    # ------------------------------------------------------------------------------------ config
+    def write_config(self, mapping: dict[str, Any], *, run_id: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.config_path, json.dumps({**mapping, "fedpriv-run": run_id}, indent=2, sort_keys=True))
+
+    # ------------------------------------------------------------------------------------ metrics
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        rows = []
+        for i, line in enumerate(self.metrics_path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{self.metrics_path}, line {i}: not valid JSON ({exc.msg})") from None
+        return rows
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, sort_keys=True, allow_nan=False, default=_json_default) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def truncate_metrics_after(self, last_round: int) -> None:
+        rows = [r for r in self.read_metrics() if int(r.get("round", 0)) <= last_round]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+    # ------------------------------------------------------------------------------------ checkpoint
+    def load_checkpoint(self) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+        """(state, arrays) of the last committed round, or None for a fresh run."""
+        state_path = self.checkpoint_dir / "state.json"
+        if not state_path.exists():
+            return None
+        state = json.loads(state_path.read_text())
+        with np.load(self.checkpoint_dir / state["arrays_file"], allow_pickle=False) as z:
+            keys = state["array_keys"]
+            arrays = {k: z[f"a{i}"] for i, k in enumerate(keys)}
+        return state, arrays
+
+    def save_checkpoint(self, *, round_: int, run_id: str, arrays: dict[str, np.ndarray],
+                        extra: dict[str, Any] | None = None, name: str = "checkpoint") -> None:
+        """Write arrays, then atomically replace state.json (the commit point), then drop older arrays."""
+        ckpt = self.path / name
+        ckpt.mkdir(parents=True, exist_ok=True)
+        arrays_file = f"arrays-r{round_:04d}.npz"
+        import io
+
+        buf = io.BytesIO()
+        keys = list(arrays)
+        np.savez(buf, **{f"a{i}": np.asarray(arrays[k]) for i, k in enumerate(keys)})
+        _atomic_write_bytes(ckpt / arrays_file, buf.getvalue())
+        state = {"round": round_, "run_id": run_id, "arrays_file": arrays_file, "array_keys": keys, **(extra or {})}
+        atomic_write_text(ckpt / "state.json", json.dumps(state, indent=2, sort_keys=True, default=_json_default))
+        for old in ckpt.glob("arrays-r*.npz"):
+            if old.name != arrays_file:
+                old.unlink(missing_ok=True)
+
+    def load_named_checkpoint(self, name: str) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+        other = RunDir(self.path)
+        state_path = self.path / name / "state.json"
+        if not state_path.exists():
+            return None
+        state = json.loads(state_path.read_text())
+        with np.load(self.path / name / state["arrays_file"], allow_pickle=False) as z:
+            arrays = {k: z[f"a{i}"] for i, k in enumerate(state["array_keys"])}
+        del other
+        return state, arrays
+
+    # ------------------------------------------------------------------------------------ ledgers
+    def store_ledger_entry(self, node: str, entry: dict[str, Any], public_key_pem: str | None) -> None:
+        """Append a node's ledger entry to the server copy (idempotent on the entry hash)."""
+        self.ledgers_dir.mkdir(parents=True, exist_ok=True)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in node)
+        path = self.ledgers_dir / f"{safe}.jsonl"
+        existing = set()
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    existing.add(json.loads(line).get("hash"))
+        if entry.get("hash") not in existing:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        if public_key_pem:
+            pub = self.ledgers_dir / f"{safe}.pub"
+            if not pub.exists():
+                atomic_write_text(pub, public_key_pem)
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,0 +1,146 @@
+"""A whole federation on one machine, on Flower's simulation engine (Ray).
+
+``prepare_nodes`` turns one dataset (a file or the synthetic demo) into N node folders, each exactly what a
+real institution would have: its data partition (plaintext or a fedpriv container with its own key), a node
+config (``node.json``: data path, key file, budget, state directory). ``run`` then starts Flower's
+simulation runtime with the fedpriv ServerApp and ClientApp; virtual node *i* reads ``node-i/node.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.config import RunConfig
+from common.data import Schema, TextDataset, load_dataset, observed_labels, write_dataset
+
+log = logging.getLogger("fedpriv.simulate")
+
+QUIET_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    """How to build the simulated institutions (data source, partitioning, budgets, encryption)."""
+
+    nodes: int = 4
+    data: str = ""  # a dataset file; empty = synthetic demo data
+    synthetic_size: int = 1200  # examples of synthetic demo data (all nodes together)
+    synthetic_skew: float = 0.4
+    partition: str = "iid"  # iid | dirichlet | group
+    alpha: float = 1.0
+    epsilon: float = 8.0  # every simulated node's budget
+    delta: float = 1e-5
+    encrypt: bool = False  # encrypted partitions, one key per node
+    count_noise_epsilon: float = 0.0
+
+
+def apply_env() -> None:
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def load_source(cfg: RunConfig, opts: SimOptions) -> TextDataset:
+    """The dataset to split: a file (labels observed from it unless ``labels`` is set) or the demo data."""
+    if opts.data:
+        schema = Schema(cfg.text_col, cfg.label_col, cfg.group_col)
+        labels = cfg.label_names or observed_labels(opts.data, schema=schema)
+        return load_dataset(opts.data, schema=schema, labels=labels)
+    from simulations.synthetic import make_synthetic
+
+    return make_synthetic(opts.synthetic_size, seed=cfg.seed, label_skew=opts.synthetic_skew)
+
+
+def prepare_nodes(cfg: RunConfig, opts: SimOptions, run_dir: Path) -> tuple[RunConfig, Path]:
+    """Write node folders under ``run_dir/nodes``; return the config with labels/schema filled in."""
+    from simulations.partition import partition
+
+    ds = load_source(cfg, opts)
+    if not opts.data:  # the synthetic data has its own column names
+        cfg = cfg.replace(text_col="text", label_col="label", group_col=cfg.group_col or "group")
+    cfg = cfg.replace(labels=",".join(ds.label_names))
+    schema = Schema(cfg.text_col, cfg.label_col, cfg.group_col if ds.groups is not None else "")
+    parts = partition(opts.partition, labels=ds.labels, groups=ds.groups, num_nodes=opts.nodes, seed=cfg.seed,
+                      alpha=opts.alpha)
+    nodes_dir = run_dir / "nodes"
+    nodes_dir.mkdir(parents=True, exist_ok=True)
+    sizes = []
+    for i, idx in enumerate(parts):
+        ndir = nodes_dir / f"node-{i}"
+        ndir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        node_cfg: dict[str, Any] = {
+            "node-name": f"node-{i}",
+            "state-dir": str((ndir / "state").resolve()),
+            "epsilon": opts.epsilon,
+            "delta": opts.delta,
+        }
+        if opts.count_noise_epsilon > 0:
+            node_cfg["count-noise-epsilon"] = opts.count_noise_epsilon
+        part = ds.subset(idx)
+        if opts.encrypt:
+            from common import crypto
+            from common.data import encode_records, to_records
+
+            key_path = ndir / "dataset.key"
+            if not key_path.exists():
+                crypto.write_key_file(key_path, crypto.generate_key())
+            # The partition is encrypted in memory: its plaintext never touches the node's disk.
+            blob = crypto.encrypt_bytes(encode_records(to_records(part, schema=schema), fmt="jsonl"),
+                                        key_source=crypto.KeySource.from_key_file(key_path), inner_name="data.jsonl")
+            data_path = ndir / "data.jsonl.fpenc"
+            data_path.write_bytes(blob)
+            node_cfg.update({"data-path": str(data_path.resolve()), "key-file": str(key_path.resolve()),
+                             "require-encryption": True})
+        else:
+            data_path = write_dataset(part, ndir / "data.jsonl", schema=schema)
+            node_cfg["data-path"] = str(data_path.resolve())
+        (ndir / "node.json").write_text(json.dumps(node_cfg, indent=2))
+        sizes.append(len(idx))
+    log.info("prepared %d nodes in %s: sizes %s", opts.nodes, nodes_dir, sizes)
+    return cfg, nodes_dir
+
+
+def backend_config(num_nodes: int) -> dict[str, Any]:
+    """One CPU per virtual ClientApp (so 2 run at once on 2 cores); a share of the GPU when one is present."""
+    import torch
+
+    cpus = os.cpu_count() or 1
+    gpus = 1.0 / min(num_nodes, 4) if torch.cuda.is_available() else 0.0
+    return {
+        "client_resources": {"num_cpus": 1, "num_gpus": gpus},
+        "init_args": {"num_cpus": cpus, "num_gpus": 1 if gpus else 0, "logging_level": "ERROR",
+                      "log_to_driver": False},
+    }
+
+
+def run(cfg: RunConfig, *, nodes_dir: Path, num_nodes: int, progress=None) -> None:
+    """Run the federation in Flower's simulation engine and shut Ray down afterwards."""
+    apply_env()
+    import ray
+    from flwr.simulation import run_simulation
+
+    from client.app import build_client_app
+    from server.app import build_server_app
+
+    server_app = build_server_app(cfg, progress=progress)
+    client_app = build_client_app(str(nodes_dir.resolve()))
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
+                       backend_name="ray", backend_config=backend_config(num_nodes))
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
