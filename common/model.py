@@ -13,6 +13,7 @@ Only the trainable tensors travel between server and nodes. They are named by th
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -74,7 +75,9 @@ def choose_device(requested: str = "auto"):
     return torch.device(requested)
 
 
+@functools.lru_cache(maxsize=4)
 def load_tokenizer(source: str):
+    """The tokenizer of a model source (cached per process; tokenizers are read-only here)."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(resolve_source(source)))

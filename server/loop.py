@@ -114,6 +114,18 @@ def summarise_counts(cms: dict[str, np.ndarray], labels: list[str], *, min_group
     return out
 
 
+def _server_ledger(rundir: RunDir):
+    """The server's own signed ledger of central-DP releases (key kept in RUN_DIR/server-key/)."""
+    from common.ledger import Ledger, load_or_create_node_key
+
+    key = load_or_create_node_key(rundir.path / "server-key")
+    rundir.ledgers_dir.mkdir(parents=True, exist_ok=True)
+    pub = rundir.path / "server-key" / "node_ed25519.pub"
+    if pub.exists() and not (rundir.ledgers_dir / "server.pub").exists():
+        (rundir.ledgers_dir / "server.pub").write_text(pub.read_text())
+    return Ledger(rundir.ledgers_dir / "server.jsonl", key)
+
+
 def run_federation(grid, cfg: RunConfig, *, progress: Progress | None = None,
                    wait_timeout: float = 300.0) -> RunSummary:
     """Run (or resume) the federation described by ``cfg`` on ``grid``; write everything to ``cfg.out``."""
@@ -158,9 +170,11 @@ def run_federation(grid, cfg: RunConfig, *, progress: Progress | None = None,
         log.info("run=%s starting in %s", run_id, rundir.path)
     rundir.write_config(cfg.to_mapping(), run_id=run_id)
     load_trainable(model, arrays)
-    central = CentralEval(cfg, cfg.model) if cfg.eval_data else None
+    held_out = CentralEval(cfg, cfg.model) if cfg.eval_data else None
     rows = rundir.read_metrics()
     stopped = ""
+    central = None
+    central_state = resumed[0].get("central_dp") if resumed is not None else None
     last_done = start_round - 1
 
     for rnd in range(start_round, cfg.num_server_rounds + 1):
@@ -232,6 +246,17 @@ def run_federation(grid, cfg: RunConfig, *, progress: Progress | None = None,
             row["status"] = "failed"
             row["reason"] = f"{len(updates)} usable updates < min-nodes={cfg.min_nodes}; global model unchanged"
             log.error("run=%s round=%d failed: %s", run_id, rnd, row["reason"])
+        elif cfg.central_dp:
+            if central is None:
+                from server.central_dp import CentralDp
+
+                population = int((central_state or {}).get("population", len(node_ids)))
+                central = CentralDp(cfg, population_size=population, state=(central_state or {}).get("accountant"))
+            arrays = central.aggregate([u.arrays for u in sorted(updates, key=lambda u: u.node)], arrays,
+                                       server_round=rnd)
+            _server_ledger(rundir).append({**central.last_release, "run": run_id})
+            row["central_epsilon"] = central.epsilon()
+            row["status"] = "ok"
         else:
             arrays = aggregate(cfg.aggregation, updates, trim_beta=cfg.trim_beta, krum_byzantine=cfg.krum_byzantine)
             row["status"] = "ok"
@@ -263,8 +288,8 @@ def run_federation(grid, cfg: RunConfig, *, progress: Progress | None = None,
         row["num_examples_val"] = n_eval
         row["loss"] = loss_sum / n_eval if n_eval else None
         row.update(summarise_counts(summed, cfg.label_names, min_group_size=cfg.min_group_size))
-        if central is not None:
-            eval_loss, eval_cms = central.evaluate(model, device)
+        if held_out is not None:
+            eval_loss, eval_cms = held_out.evaluate(model, device)
             row["eval_loss"] = eval_loss
             row.update(summarise_counts(eval_cms, cfg.label_names, min_group_size=cfg.min_group_size,
                                         prefix="eval_"))
@@ -287,6 +312,8 @@ def run_federation(grid, cfg: RunConfig, *, progress: Progress | None = None,
                 best_state = {"round": rnd, "metric": metric}
                 rundir.save_checkpoint(round_=rnd, run_id=run_id, arrays=arrays, name="best_fair_checkpoint")
         extra["best"] = best_state
+        if central is not None:
+            extra["central_dp"] = {"population": central.population_size, "accountant": central.state_dict()}
         rundir.append_metrics(row)
         rundir.save_checkpoint(round_=rnd, run_id=run_id, arrays=arrays, extra=extra)
         rows.append(row)

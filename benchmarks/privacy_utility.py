@@ -1,0 +1,82 @@
+"""Privacy/utility trade-off on SST-2: dev accuracy at ε in {1, 3, 8, inf}, δ = 1e-5, MiniLM, 4 nodes.
+
+Every setting is one ``fedpriv simulate`` run on the same split of ``sst2/train.tsv`` (4 nodes, Dirichlet
+alpha = 1) with ``sst2/dev.tsv`` as the server-held ``--eval-data``; ε = inf is the same run without DP.
+
+    python benchmarks/privacy_utility.py --data-dir ../shared/data/sst2
+    python benchmarks/privacy_utility.py --data-dir ../shared/data/sst2 --epsilons 8,inf --rounds 1   # shorter
+
+Target (issue "Local DP-SGD ..."): at ε = 8 within 5 points of the non-private run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_setting(eps: float, args: argparse.Namespace, tmp: Path) -> dict:
+    out = tmp / f"eps-{eps}"
+    cmd = [sys.executable, "-m", "fedpriv", "simulate", "--data", str(Path(args.data_dir) / "train.tsv"),
+           "--eval-data", str(Path(args.data_dir) / "dev.tsv"), "--text-col", "sentence", "--label-col", "label",
+           "--model", args.model, "--train-part", args.train_part, "--nodes", "4", "--partition", "dirichlet",
+           "--alpha", "1", "--rounds", str(args.rounds), "--local-epochs", "1", "--out", str(out), "--quiet",
+           "--lr", str(args.lr), "--seed", "0", "--run-config", args.run_config]
+    if math.isinf(eps):
+        cmd.append("--no-dp")
+    else:
+        cmd += ["--epsilon", str(eps), "--delta", "1e-5"]
+    env = dict(os.environ, FLWR_HOME=str(tmp / "flwr"), PYTHONPATH=str(ROOT))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").exists() else []
+    last = rows[-1] if rows else {}
+    return {
+        "epsilon_budget": "inf" if math.isinf(eps) else eps,
+        "returncode": proc.returncode,
+        "eval_accuracy": last.get("eval_accuracy"),
+        "eval_macro_f1": last.get("eval_macro_f1"),
+        "epsilon_spent_max": max((last.get("epsilon") or {}).values(), default=None),
+        "rounds": len(rows),
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "stderr_tail": proc.stderr[-800:] if proc.returncode else "",
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "sst2"))
+    ap.add_argument("--epsilons", default="1,3,8,inf")
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--train-part", default="head")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--run-config", default="max-length=64 batch-size=64 max-physical-batch-size=32")
+    args = ap.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for e in args.epsilons.split(","):
+            r = run_setting(float(e), args, Path(tmp))
+            print(json.dumps(r), file=sys.stderr)
+            results.append(r)
+    base = next((r for r in results if r["epsilon_budget"] == "inf"), None)
+    if base and base["eval_accuracy"] is not None:
+        for r in results:
+            if r["eval_accuracy"] is not None:
+                r["points_below_non_private"] = round(100 * (base["eval_accuracy"] - r["eval_accuracy"]), 2)
+    print(json.dumps({"benchmark": "privacy_utility", "dataset": "sst2", "nodes": 4, "model": args.model,
+                      "train_part": args.train_part, "rounds": args.rounds, "delta": 1e-5, "results": results},
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()
