@@ -46,7 +46,7 @@ def worker(args: argparse.Namespace) -> None:
     dp = None
     if args.dp:
         dp = DpSettings(noise_multiplier=1.0, clipping_norm=1.0,
-                        grad_sample_mode="ghost" if args.part == "full" else "hooks", noise_seed=0)
+                        grad_sample_mode=args.mode or ("ghost" if args.part == "full" else "hooks"), noise_seed=0)
     # Warm-up step outside the timing (allocations, hook registration).
     warm = enc.__class__(input_ids=enc.input_ids[: args.batch_size], labels=enc.labels[: args.batch_size])
     train_local(model, warm, settings=settings, device=torch.device("cpu"), dp=dp)
@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--part", default="head", help=argparse.SUPPRESS)
     ap.add_argument("--dp", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
