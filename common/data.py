@@ -91,7 +91,7 @@ def detect_format(name: str) -> str | None:
     return FORMATS.get(Path(name).suffix.lower())
 
 
-def _decode_utf8(raw: bytes, file: str) -> str:
+def _decode_utf8(raw: bytes | bytearray, file: str) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -120,7 +120,7 @@ def _cell_to_str(value: Any) -> str | None:
 
 def read_rows(raw: bytes, *, fmt: str, file: str) -> tuple[list[str], list[dict[str, str | None]]]:
     """Parse ``raw`` bytes of the given format into (columns, rows of str-or-None cells)."""
-    if not raw.strip():
+    if not raw or raw.isspace():  # no copy of a large (possibly decrypted) buffer
         raise DataError([ERR_EMPTY_FILE.format(file=file)])
     if fmt in ("csv", "tsv"):
         import csv
@@ -171,7 +171,7 @@ def read_rows(raw: bytes, *, fmt: str, file: str) -> tuple[list[str], list[dict[
         import pyarrow.parquet as pq
 
         try:
-            table = pq.read_table(pa.BufferReader(raw))
+            table = pq.read_table(pa.BufferReader(pa.py_buffer(raw)))
         except Exception as exc:  # pyarrow raises several types for corrupt input
             raise DataError([ERR_UNREADABLE.format(file=file, reason=exc)]) from None
         cols = table.column_names

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,7 @@ def register(sub) -> None:
     p.add_argument("--run-config", default="", metavar='"k=v ..." | FILE.toml',
                    help="more run config keys (see README), or a TOML file of them")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--verbose", action="store_true", help="log what every component does (INFO)")
     p.set_defaults(func=run)
 
 
@@ -134,7 +136,14 @@ def _simulate(cfg, args: argparse.Namespace) -> int:
                       synthetic_skew=args.synthetic_skew, partition=args.partition, alpha=args.alpha,
                       epsilon=args.epsilon, delta=args.delta, encrypt=args.encrypt,
                       count_noise_epsilon=args.count_noise_epsilon)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    fp_log = logging.getLogger("fedpriv")
+    fp_log.addHandler(handler)
+    fp_log.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    fp_log.propagate = False
+    os.environ.setdefault("FLWR_LOG_LEVEL", "INFO" if args.verbose else "WARNING")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     with console.status("preparing node data..."):
         cfg, nodes_dir = prepare_nodes(cfg, opts, out)
     console.print(f"[bold]fedpriv simulate[/]: {opts.nodes} nodes, {cfg.num_server_rounds} rounds, model "

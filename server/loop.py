@@ -102,15 +102,16 @@ def summarise_counts(cms: dict[str, np.ndarray], labels: list[str], *, min_group
     from common.fairness import fairness_report
     from common.metrics import classification_metrics
 
-    total = sum(cms.values()) if cms else np.zeros((len(labels), len(labels)), dtype=np.int64)
+    if not cms or int(sum(int(np.asarray(m).sum()) for m in cms.values())) == 0:
+        return {f"{prefix}accuracy": None, f"{prefix}macro_f1": None}
+    total = sum(cms.values())
     cls = classification_metrics(np.asarray(total), labels=labels)
     out = {
         f"{prefix}accuracy": cls["accuracy"],
         f"{prefix}macro_f1": cls["macro_f1"],
         f"{prefix}classification": cls,
     }
-    if cms:
-        out[f"{prefix}fairness"] = fairness_report(cms, labels=labels, min_group_size=min_group_size)
+    out[f"{prefix}fairness"] = fairness_report(cms, labels=labels, min_group_size=min_group_size)
     return out
 
 

@@ -30,7 +30,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 def _simulate(tmp_path: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [*FEDPRIV, "simulate", "--model", "tiny", "--nodes", "2", "--rounds", "2", "--out", str(out),
-           "--synthetic-size", "400", "--quiet", *extra]
+           "--synthetic-size", "600", "--quiet", *extra]
     proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
@@ -44,7 +44,7 @@ def _rows(out: Path) -> list[dict]:
 def plain_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("sim-plain")
     out = tmp / "run"
-    _simulate(tmp, out, "--no-dp", "--train-part", "full", "--lr", "0.002", "--local-epochs", "2",
+    _simulate(tmp, out, "--no-dp", "--train-part", "full", "--lr", "0.005", "--local-epochs", "3",
               "--batch-size", "16", "--seed", "0")
     return out
 
@@ -87,7 +87,7 @@ def test_run_directory_is_complete_and_model_loads_with_transformers(plain_run: 
 
 def test_same_seed_same_metrics(tmp_path: Path, plain_run: Path) -> None:
     out = tmp_path / "again"
-    _simulate(tmp_path, out, "--no-dp", "--train-part", "full", "--lr", "0.002", "--local-epochs", "2",
+    _simulate(tmp_path, out, "--no-dp", "--train-part", "full", "--lr", "0.005", "--local-epochs", "3",
               "--batch-size", "16", "--seed", "0")
     a, b = _rows(plain_run), _rows(out)
     for ra, rb in zip(a, b, strict=True):
