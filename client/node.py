@@ -202,7 +202,7 @@ class NodePrivacy:
             os.replace(tmp, run_file)
         release = DpSgdRelease(noise_multiplier=sigma, sample_rate=q, steps=steps)
         after = self.accountant.epsilon_if(release)
-        reason = check_budget(spent=spent, cost_after=after, budget=self.budget)
+        reason = check_budget(spent=spent, cost_after=after, budget=self.budget, delta=self.delta)
         if reason is not None:
             return None, reason
         return DpPlan(noise_multiplier=sigma, sample_rate=q, steps=steps, epsilon_before=spent,

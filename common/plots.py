@@ -1,105 +1,137 @@
-"""PNG charts for reports (matplotlib, Agg backend: no display needed)."""
+"""PNG charts of per-round metrics for run reports.
+
+Every helper takes ``rows``, a list of per-round dicts as written to ``metrics.jsonl`` (``"round"`` plus scalar
+metrics and/or a ``"fairness"`` report from :func:`common.fairness.fairness_report`), writes one PNG and returns
+its path. Figures are drawn on matplotlib's Agg canvas through ``matplotlib.figure.Figure`` (no pyplot, no
+global backend switch, no display), so they work on headless servers and in threads.
+
+Values that are None, missing, non-numeric or non-finite are skipped point by point; a series with no value is
+left out of the legend; a chart without any data says so instead of failing. A single round is drawn as
+markers. Rows without ``"round"`` are numbered by position (1, 2, ...).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+GAP_KEYS = ("demographic_parity_difference", "equalized_odds_difference", "equal_opportunity_difference",
+            "accuracy_difference")
+_STYLES = ("-", "--", ":", "-.")
+_DPI = 110
 
 
-def _value(v: Any) -> float | None:
-    if isinstance(v, dict):
+def _number(v: Any) -> float | None:
+    """A finite float from a scalar or a ``{"value": ...}`` dict, else None."""
+    if isinstance(v, Mapping):
         v = v.get("value")
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    return float(v) if math.isfinite(v) else None
 
 
-def _series(rows: Sequence[dict[str, Any]], get) -> tuple[list[int], list[float]]:
+def _series(rows: Sequence[Mapping[str, Any]], get: Callable[[Mapping[str, Any]], Any]) -> tuple[list, list]:
     xs, ys = [], []
-    for r in rows:
-        y = get(r)
+    for i, row in enumerate(rows):
+        y = _number(get(row))
         if y is not None:
-            xs.append(int(r["round"]))
+            xs.append(row.get("round", i + 1))
             ys.append(y)
     return xs, ys
 
 
-def _save(fig, out_path: Path) -> Path:
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    _plt().close(fig)
-    return out_path
+def _report(row: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    rep = row.get(key)
+    return rep if isinstance(rep, Mapping) else {}
 
 
-def plot_metric_over_rounds(rows: Sequence[dict[str, Any]], keys: Sequence[str], out_path: Path, *, title: str,
-                            ylabel: str, hlines: dict[str, float] | None = None) -> Path:
-    """One line per key (values may be missing or None in some rounds)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for key in keys:
-        xs, ys = _series(rows, lambda r, k=key: _value(r.get(k)))
-        if xs:
-            ax.plot(xs, ys, marker="o", label=key.removeprefix("eps:"))
-    for name, y in (hlines or {}).items():
-        ax.axhline(y, linestyle="--", color="grey", linewidth=1)
-        ax.annotate(name, (ax.get_xlim()[0], y), fontsize=8, color="grey", va="bottom")
+def _new_figure(title: str, ylabel: str):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.2, 4.0))
+    ax = fig.add_subplot()
     ax.set_title(title)
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    return _save(fig, out_path)
+    return fig, ax
 
 
-def plot_group_rates_over_rounds(rows: Sequence[dict[str, Any]], out_path: Path, *,
+def _finish(fig, ax, out_path: str | Path) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
+    handles, _ = ax.get_legend_handles_labels()
+    if handles:
+        ncol = 1 if len(handles) <= 12 else 2
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), ncol=ncol, frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    path = Path(out_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=_DPI, bbox_inches="tight")
+    return path
+
+
+def plot_metric_over_rounds(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], out_path: str | Path, *,
+                            title: str, ylabel: str, hlines: Mapping[str, float] | None = None) -> Path:
+    """One line per top-level key of the rows (e.g. ``accuracy``, ``eps:node-0``) over rounds.
+
+    Parameters
+    ----------
+    rows : sequence of dict
+        Per-round dicts; ``row[key]`` may be a number, a ``{"value": ...}`` dict, None or absent.
+    keys : sequence of str
+        Row keys to draw; a leading ``"eps:"`` is dropped from the legend label.
+    out_path : path
+        PNG to write (parent folders are created).
+    title, ylabel : str
+    hlines : mapping of str to float, optional
+        Labelled horizontal reference lines (e.g. a budget ``{"ε max": 8.0}``).
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_path``.
+    """
+    fig, ax = _new_figure(title, ylabel)
+    for key in keys:
+        xs, ys = _series(rows, lambda r, k=key: r.get(k))
+        if xs:
+            ax.plot(xs, ys, marker="o", label=key.removeprefix("eps:"))
+    for name, y in (hlines or {}).items():
+        ax.axhline(y, linestyle="--", color="grey", linewidth=1, label=name)
+    return _finish(fig, ax, out_path)
+
+
+def plot_group_rates_over_rounds(rows: Sequence[Mapping[str, Any]], out_path: str | Path, *,
                                  rates: Sequence[str] = ("tpr", "fpr"), key: str = "fairness") -> Path:
-    """Per-group TPR and FPR (solid / dashed) over rounds, from each row's fairness report."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    groups = sorted({g for r in rows for g in ((r.get(key) or {}).get("groups") or {})})
-    styles = ["-", "--", ":", "-."]
-    for gi, g in enumerate(groups):
-        for ri, rate in enumerate(rates):
-            xs, ys = _series(rows, lambda r, g=g, rate=rate: _value((((r.get(key) or {}).get("groups") or {})
-                                                                     .get(g) or {}).get(rate)))
-            if xs:
-                ax.plot(xs, ys, linestyle=styles[ri % len(styles)], marker="o", color=f"C{gi}", label=f"{g} {rate.upper()}")
-    ax.set_title("Per-group rates over rounds")
-    ax.set_xlabel("round")
-    ax.set_ylabel("rate")
+    """Per-group rates (default TPR solid, FPR dashed; one colour per group) over rounds.
+
+    Reads ``row[key]["groups"][group][rate]["value"]`` of each row (a binary fairness report; multiclass
+    reports have only ``accuracy`` per group, so pass ``rates=("accuracy",)`` for them). Undefined rates
+    (None) leave gaps in the line.
+    """
+    fig, ax = _new_figure("Per-group rates over rounds", "rate")
     ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    return _save(fig, out_path)
+    groups = sorted({str(g) for r in rows for g in (_report(r, key).get("groups") or {})})
+    for gi, group in enumerate(groups):
+        for ri, rate in enumerate(rates):
+            xs, ys = _series(rows, lambda r, g=group, k=rate: ((_report(r, key).get("groups") or {}).get(g) or {}).get(k))
+            if xs:
+                ax.plot(xs, ys, linestyle=_STYLES[ri % len(_STYLES)], marker="o", markersize=3,
+                        color=f"C{gi % 10}", label=f"{group} {rate.upper()}")
+    return _finish(fig, ax, out_path)
 
 
-GAP_KEYS = ("demographic_parity_difference", "equalized_odds_difference", "equal_opportunity_difference",
-            "accuracy_difference")
-
-
-def plot_gaps_over_rounds(rows: Sequence[dict[str, Any]], out_path: Path, *, key: str = "fairness") -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for name in GAP_KEYS:
-        xs, ys = _series(rows, lambda r, n=name: _value(((r.get(key) or {}).get("gaps") or {}).get(n)))
+def plot_gaps_over_rounds(rows: Sequence[Mapping[str, Any]], out_path: str | Path, *,
+                          gaps: Sequence[str] = GAP_KEYS, key: str = "fairness") -> Path:
+    """Fairness gaps (``row[key]["gaps"][name]["value"]``, default ``GAP_KEYS``) over rounds."""
+    fig, ax = _new_figure("Fairness gaps over rounds", "gap")
+    for name in gaps:
+        xs, ys = _series(rows, lambda r, n=name: (_report(r, key).get("gaps") or {}).get(n))
         if xs:
             ax.plot(xs, ys, marker="o", label=name)
-    ax.set_title("Fairness gaps over rounds")
-    ax.set_xlabel("round")
-    ax.set_ylabel("gap")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    return _save(fig, out_path)
+    return _finish(fig, ax, out_path)
