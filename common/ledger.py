@@ -121,6 +121,13 @@ class VerifyResult:
         return self.entries[-1]["hash"] if self.entries else GENESIS
 
 
+def _decode(b: bytes) -> str | None:
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 def verify_ledger(source: str | Path | Iterable[str], public_key, *, expected_count: int | None = None,
                   expected_head: str | None = None) -> VerifyResult:
     """Check every line: canonical JSON, hash, chain, contiguous index, signature; then the anchors."""
@@ -129,13 +136,18 @@ def verify_ledger(source: str | Path | Iterable[str], public_key, *, expected_co
     head_file: Path | None = None
     if isinstance(source, str | Path):
         path = Path(source)
-        raw_lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+        raw_lines = [_decode(b) for b in path.read_bytes().split(b"\n")] if path.exists() else []
+        if raw_lines and raw_lines[-1] == "":
+            raw_lines.pop()  # the newline after the last entry
         head_file = path.with_name(path.name + ".head")
     else:
         raw_lines = list(source)
     res = VerifyResult()
     prev = GENESIS
     for lineno, line in enumerate(raw_lines, start=1):
+        if line is None:
+            res.problems.append(Problem(lineno, None, "not valid UTF-8: edited or corrupted"))
+            continue
         if not line.strip():
             res.problems.append(Problem(lineno, None, "empty line inside the ledger"))
             continue

@@ -112,7 +112,7 @@ def compute_epsilon(history: Sequence[DpSgdRelease], *, delta: float, accountant
 
 def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
                                accountant: str = "prv", prior_history: Sequence[DpSgdRelease] = (),
-                               epsilon_tolerance: float = 0.01, sigma_max: float = 200.0) -> float:
+                               epsilon_tolerance: float = 0.02, sigma_max: float = 200.0) -> float:
     """Smallest σ (to ``epsilon_tolerance`` relative precision in ε) such that ``prior_history`` plus ``steps``
     new steps at ``sample_rate`` gives ε <= ``target_epsilon``. The achieved ε is always <= target.
     """
