@@ -60,8 +60,8 @@ from common.metrics import as_confusion
 UNKNOWN_GROUP = "unknown"
 MISSING_MODES = ("raise", "unknown")
 
-ERR_MISSING_GROUP = ("{count} example(s) have no group value (None, NaN or empty string), at index {indices}; "
-                     "fill them in, or pass missing='unknown' to count them in an explicit group 'unknown'")
+ERR_MISSING_GROUP = ("group value missing (None, NaN or empty string) at example index {index}; fill it in, "
+                     "or pass missing='unknown' to count such examples in an explicit group 'unknown'")
 ERR_MISSING_MODE = "missing must be one of {modes}, got {value!r}"
 ERR_LENGTHS = "y_true, y_pred and groups must have the same length, got {n_true}, {n_pred} and {n_groups}"
 ERR_MERGE = "cannot merge group confusion matrices: {problems}"
@@ -76,7 +76,7 @@ ERR_RNG = "rng must be a numpy.random.Generator, e.g. numpy.random.default_rng(s
 ERR_NOISE_SHAPE = ("with all_groups, every matrix must be (C, C) with one C, given by num_classes when there "
                    "are no matrices; got shapes {shapes} and num_classes={num_classes!r}")
 ERR_UNLISTED_GROUPS = "groups {groups!r} are not in all_groups; the released group names must be public"
-ERR_THRESHOLD_KEY = "unknown fairness threshold key(s) {keys}; valid keys: {valid}"
+ERR_THRESHOLD_KEY = "unknown fairness threshold {keys}; valid keys: {valid}"
 ERR_THRESHOLD_VALUE = "fairness threshold {key!r} must be a finite number, got {value!r}"
 ERR_WIRE = "group counts do not match the federation: {problems}"
 
@@ -145,8 +145,8 @@ def group_confusions(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] |
         raise ValueError(ERR_LENGTHS.format(n_true=len(t), n_pred=len(p), n_groups=len(g)))
     absent = [i for i, v in enumerate(g) if _is_missing(v)]
     if absent and missing == "raise":
-        shown = ", ".join(map(str, absent[:10])) + (f", ... ({len(absent) - 10} more)" if len(absent) > 10 else "")
-        raise ValueError(ERR_MISSING_GROUP.format(count=len(absent), indices=shown))
+        shown = ", ".join(map(str, absent[:10])) + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
+        raise ValueError(ERR_MISSING_GROUP.format(index=shown))
     keys = [str(v) for v in g]
     for i in absent:
         keys[i] = UNKNOWN_GROUP
@@ -259,7 +259,8 @@ def wilson_interval(successes: int, n: int, *, confidence: float = 0.95) -> tupl
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # The score interval always contains p (exactly 0 or 1 at the ends); min/max only undo float rounding.
+    return max(0.0, min(centre - half, p)), min(1.0, max(centre + half, p))
 
 
 def _rate(num: int, den: int, reason: str, confidence: float) -> dict[str, Any]:

@@ -62,7 +62,7 @@ def assert_matches_sklearn(rep, y, p, c):
                                                abs=TOL)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(federated_predictions())
 def test_summed_counts_equal_sklearn_on_pooled_data(case):
     c, y, p, node, k = case

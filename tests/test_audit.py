@@ -1,0 +1,185 @@
+"""`fedpriv audit`: a clean run passes; every kind of tampering or overspending fails and names the entry."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from common.audit import audit_run, recompute_epsilon
+from common.ledger import Ledger, canonical, entry_hash, load_or_create_node_key, public_pem
+from common.privacy import DpSgdRelease, compute_epsilon
+from fedpriv.cli import main
+
+RUN = "run123"
+SIGMA, Q, STEPS, DELTA = 1.0, 0.05, 40, 1e-5
+
+
+def _entry(r: int, eps: float, *, sigma: float = SIGMA, budget: float = 8.0) -> dict:
+    return {"schema": 1, "kind": "dp-sgd", "run": RUN, "round": r, "node": "node-0", "dataset": "d" * 64,
+            "accountant": "prv", "delta": DELTA, "noise_multiplier": sigma, "sample_rate": Q, "steps": STEPS,
+            "clipping_norm": 1.0, "epsilon": eps, "epsilon_round": 0.0, "budget_epsilon": budget,
+            "noise_seed": None, "time": "2026-11-28T00:00:00+00:00"}
+
+
+def make_run(tmp: Path, *, rounds: int = 3, budget: float = 8.0, sigma: float = SIGMA) -> Path:
+    """A run directory as `fedpriv simulate` leaves it: config, metrics, server copy + node copy of a ledger."""
+    run = tmp / "run"
+    (run / "ledgers").mkdir(parents=True)
+    state = run / "nodes" / "node-0" / "state"
+    key = load_or_create_node_key(state)
+    led = Ledger(state / "ledger.jsonl", key)
+    rows = []
+    for r in range(1, rounds + 1):
+        eps = compute_epsilon([DpSgdRelease(sigma, Q, STEPS)] * r, delta=DELTA, accountant="prv")
+        entry = led.append(_entry(r, eps, sigma=sigma, budget=budget))
+        rows.append({"round": r, "status": "ok", "nodes": {"node-0": {"status": "ok", "epsilon": eps}}})
+        with open(run / "ledgers" / "node-0.jsonl", "ab") as f:
+            f.write(canonical(entry) + b"\n")
+    (run / "ledgers" / "node-0.pub").write_bytes((state / "node_ed25519.pub").read_bytes())
+    (run / "config.json").write_text(json.dumps({"fedpriv-run": RUN, "dp": True, "num-server-rounds": rounds}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("audit"))
+
+
+@pytest.fixture
+def run(clean_run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(clean_run, dst)
+    return dst
+
+
+def _server_lines(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "ledgers" / "node-0.jsonl").read_text().splitlines()]
+
+
+def _write_server(run: Path, entries: list[dict], *, also_node: bool = True) -> None:
+    text = "".join(canonical(e).decode() + "\n" for e in entries)
+    (run / "ledgers" / "node-0.jsonl").write_text(text)
+    if also_node:  # an attacker who controls the platform rewrites both copies
+        (run / "nodes" / "node-0" / "state" / "ledger.jsonl").write_text(text)
+        (run / "nodes" / "node-0" / "state" / "ledger.jsonl.head").unlink(missing_ok=True)
+
+
+def _failed(rep, check: str) -> list:
+    return [f for f in rep.failures if f.check == check]
+
+
+def test_recomputation_matches_independent_accountants_within_1_percent() -> None:
+    rec = recompute_epsilon([(1.1, 256 / 60000, 14062)], delta=1e-5)
+    assert rec["opacus_prv"] == pytest.approx(rec["dp_accounting_pld"], rel=0.01)
+    assert rec["opacus_rdp"] == pytest.approx(rec["dp_accounting_rdp"], rel=0.01)
+
+
+def test_clean_run_passes(clean_run: Path, capsys) -> None:
+    rep = audit_run(clean_run)
+    assert rep.passed, [str(f) for f in rep.failures]
+    assert main(["audit", str(clean_run), "--json", str(clean_run / "a.json"), "--html", str(clean_run / "a.html")]) == 0
+    assert json.loads((clean_run / "a.json").read_text())["passed"] is True
+    assert (clean_run / "audit_epsilon.png").stat().st_size > 0
+    assert "audit PASSED" in capsys.readouterr().out
+
+
+def test_edited_epsilon_fails_and_names_the_entry(run: Path) -> None:
+    entries = _server_lines(run)
+    entries[1]["epsilon"] = 0.5
+    _write_server(run, entries, also_node=False)
+    rep = audit_run(run)
+    assert any(f.entry == 1 for f in _failed(rep, "chain"))
+
+
+def test_understated_epsilon_resigned_by_the_node_still_fails_recomputation(run: Path) -> None:
+    key = load_or_create_node_key(run / "nodes" / "node-0" / "state")
+    entries = _server_lines(run)
+    fixed = []
+    prev = "0" * 64
+    for e in entries:
+        e = {k: v for k, v in e.items() if k not in ("hash", "signature")}
+        if e["round"] == 2:
+            e["epsilon"] = e["epsilon"] / 2  # a node (or a bug) claiming less than it spent
+        e["prev_hash"] = prev
+        import base64
+
+        e["hash"] = entry_hash(e)
+        e["signature"] = base64.b64encode(key.sign(bytes.fromhex(e["hash"]))).decode()
+        prev = e["hash"]
+        fixed.append(e)
+    _write_server(run, fixed)
+    rep = audit_run(run)
+    assert [f.entry for f in _failed(rep, "epsilon")] == [1]
+    assert not _failed(rep, "chain")
+
+
+def test_edited_noise_multiplier_fails(run: Path) -> None:
+    entries = _server_lines(run)
+    entries[0]["noise_multiplier"] = 3.0
+    _write_server(run, entries, also_node=False)
+    rep = audit_run(run)
+    assert any(f.entry == 0 for f in _failed(rep, "chain"))
+
+
+def test_deleted_entry_fails(run: Path) -> None:
+    entries = _server_lines(run)
+    del entries[1]
+    _write_server(run, entries)
+    rep = audit_run(run)
+    assert _failed(rep, "chain") and any("round 2" in f.message for f in _failed(rep, "rounds"))
+
+
+def test_reordered_entries_fail(run: Path) -> None:
+    entries = _server_lines(run)
+    entries[0], entries[1] = entries[1], entries[0]
+    _write_server(run, entries)
+    rep = audit_run(run)
+    assert _failed(rep, "chain") and _failed(rep, "rounds")
+
+
+def test_server_copy_differing_from_node_copy_fails(run: Path) -> None:
+    entries = _server_lines(run)
+    _write_server(run, entries[:2], also_node=False)
+    rep = audit_run(run)
+    assert _failed(rep, "copies")
+
+
+def test_forged_signature_and_wrong_public_key_fail(run: Path) -> None:
+    other = Ed25519PrivateKey.generate()
+    (run / "ledgers" / "node-0.pub").write_bytes(public_pem(other.public_key()))
+    rep = audit_run(run)
+    assert {f.entry for f in _failed(rep, "chain")} >= {0, 1, 2}
+
+
+def test_trusted_pubkeys_dir_overrides_run_copies(run: Path, tmp_path: Path) -> None:
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    (trusted / "node-0.pub").write_bytes(public_pem(Ed25519PrivateKey.generate().public_key()))
+    assert not audit_run(run, pubkeys=trusted).passed
+    (trusted / "node-0.pub").write_bytes((run / "ledgers" / "node-0.pub").read_bytes())
+    assert audit_run(run, pubkeys=trusted).passed
+
+
+def test_overspent_budget_fails(tmp_path: Path) -> None:
+    run = make_run(tmp_path, budget=0.5)
+    rep = audit_run(run)
+    assert _failed(rep, "budget") and main(["audit", str(run)]) == 1
+
+
+def test_parameters_changed_mid_run_fail(tmp_path: Path) -> None:
+    run = make_run(tmp_path, rounds=2)
+    state = run / "nodes" / "node-0" / "state"
+    led = Ledger(state / "ledger.jsonl", load_or_create_node_key(state))
+    eps = compute_epsilon([DpSgdRelease(SIGMA, Q, STEPS)] * 2 + [DpSgdRelease(2.0, Q, STEPS)], delta=DELTA)
+    e = led.append(_entry(3, eps, sigma=2.0))
+    with open(run / "ledgers" / "node-0.jsonl", "ab") as f:
+        f.write(canonical(e) + b"\n")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"round": 3, "nodes": {"node-0": {"status": "ok", "epsilon": eps}}}) + "\n")
+    rep = audit_run(run)
+    assert [f.entry for f in _failed(rep, "parameters")] == [2]
