@@ -75,6 +75,17 @@ def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -
     privacy = None
     if cfg.dp:
         privacy = NodePrivacy(node, cfg, name=name, data=data)
+        again = privacy.released(run=run, server_round=server_round)
+        if again is not None:
+            arrays_np, metrics, entry = again
+            log.warning("node=%s round=%s already released in this run: re-sending it, no new training or ε",
+                        name, server_round)
+            info.update(ledger_entry=entry, public_key=privacy.public_key_path.read_text(), replayed=True)
+            return Message(RecordDict({
+                "arrays": to_array_record(arrays_np),
+                "metrics": MetricRecord(metrics),
+                "info": ConfigRecord({"json": json.dumps(info)}),
+            }), reply_to=msg)
         plan, refusal = privacy.plan(run=run, server_round=server_round, planned_rounds=planned_rounds)
         if refusal is not None:
             log.warning("node=%s round=%s refused: %s", name, server_round, refusal)
@@ -92,7 +103,7 @@ def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
         max_physical_batch_size=cfg.max_physical_batch_size,
-        learning_rate=cfg.learning_rate,
+        learning_rate=cfg.effective_learning_rate,
         weight_decay=cfg.weight_decay,
         warmup_ratio=cfg.warmup_ratio,
         seed=derived_seed(cfg.seed, run, name, server_round),
@@ -119,8 +130,12 @@ def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -
         metrics.update({"epsilon": float(entry["epsilon"]), "epsilon-round": float(entry["epsilon_round"]),
                         "noise-multiplier": float(plan.noise_multiplier)})
         info.update(ledger_entry=entry, public_key=privacy.public_key_path.read_text())
-    arrays = to_array_record(trainable_state(model))
+    trained = trainable_state(model)
+    arrays = to_array_record(trained)
     metrics["bytes-up"] = int(arrays.count_bytes())
+    if plan is not None and privacy is not None:
+        privacy.save_release(run=run, server_round=server_round, arrays=dict(trained), metrics=metrics,
+                             entry=info["ledger_entry"])
     log.info("node=%s round=%s trained n=%d loss=%.4f eps=%s", name, server_round, len(data.train), result.loss,
              metrics.get("epsilon", "off"))
     return Message(RecordDict({

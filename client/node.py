@@ -238,6 +238,46 @@ class NodePrivacy:
             "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         })
 
+    # ---- idempotent rounds: a resumed server may ask again for a round this node already released.
+    def _reply_file(self, run: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in run)
+        return self.state_dir / f"last-release-{safe}.npz"
+
+    def save_release(self, *, run: str, server_round: int, arrays: dict[str, np.ndarray], metrics: dict[str, Any],
+                     entry: dict[str, Any]) -> None:
+        """Keep this round's released update so that a repeated request re-sends it instead of training again
+        (re-training would be a second release of the same round and spend ε twice)."""
+        import io
+
+        buf = io.BytesIO()
+        keys = list(arrays)
+        np.savez(buf, **{f"a{i}": arrays[k] for i, k in enumerate(keys)})
+        meta = {"round": server_round, "keys": keys, "metrics": metrics, "entry": entry}
+        path = self._reply_file(run)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, path)
+        meta_path = path.with_suffix(".json")
+        tmp = meta_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, meta_path)
+
+    def released(self, *, run: str, server_round: int) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]] | None:
+        """The update already released for (run, round), if this node has one and its ledger records it."""
+        path = self._reply_file(run)
+        meta_path = path.with_suffix(".json")
+        if not (path.exists() and meta_path.exists()):
+            return None
+        meta = json.loads(meta_path.read_text())
+        if int(meta["round"]) != server_round:
+            return None
+        hashes = {e.get("hash") for e in self.ledger.entries()}
+        if meta["entry"].get("hash") not in hashes:
+            return None
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[f"a{i}"] for i, k in enumerate(meta["keys"])}
+        return arrays, meta["metrics"], meta["entry"]
+
     def record_count_noise(self, *, run: str, server_round: int, epsilon: float) -> dict[str, Any]:
         import datetime as dt
 

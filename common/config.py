@@ -152,7 +152,7 @@ class RunConfig:
     # --- model
     model: str = "minilm"  # "minilm" (offline package), "tiny" (random tiny BERT from config) or a directory
     train_part: str = "head"  # full | head | lora
-    top_k_layers: int = 2  # with train-part=head: also train the top k encoder layers
+    top_k_layers: int = 0  # with train-part=head: also train the top k encoder layers (0 = classifier + pooler)
     lora_r: int = 8
     lora_alpha: int = 16
     max_length: int = 64  # tokens per example (truncation)
@@ -166,9 +166,9 @@ class RunConfig:
     clean_text: bool = False  # optional normalisation (see common.data)
     # --- local training
     local_epochs: int = 1
-    batch_size: int = 32  # logical batch size (expected batch size under Poisson sampling)
+    batch_size: int = 64  # logical batch size (expected batch size under Poisson sampling)
     max_physical_batch_size: int = 32  # memory cap; DP uses BatchMemoryManager to split logical batches
-    learning_rate: float = 5e-4
+    learning_rate: float = 0.0  # AdamW learning rate; 0 = by train part (see effective_learning_rate)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     # --- differential privacy (the node's own budget always caps what is asked here)
@@ -214,7 +214,7 @@ class RunConfig:
         _check("local-epochs", self.local_epochs, low=1)
         _check("batch-size", self.batch_size, low=1)
         _check("max-physical-batch-size", self.max_physical_batch_size, low=1)
-        _check("learning-rate", self.learning_rate, low=0.0, low_open=True)
+        _check("learning-rate", self.learning_rate, low=0.0)
         _check("weight-decay", self.weight_decay, low=0.0)
         _check("warmup-ratio", self.warmup_ratio, low=0.0, high=1.0, high_open=True)
         _check("epsilon", self.epsilon, low=0.0)
@@ -240,6 +240,19 @@ class RunConfig:
             raise ConfigError(ERR_CHOICE.format(key="device", choices="auto, cpu, cuda, cuda:N", value=self.device))
 
     # --------------------------------------------------------------------------------- conversions
+
+    @property
+    def effective_learning_rate(self) -> float:
+        """``learning-rate``, or when 0 a default that works for the train part (measured on the demo data
+        and SST-2): full 5e-5, lora 1e-3, head with top layers 5e-4, head alone 2e-2 (a linear probe under
+        DP noise needs large steps)."""
+        if self.learning_rate > 0:
+            return self.learning_rate
+        if self.train_part == "full":
+            return 5e-5
+        if self.train_part == "lora":
+            return 1e-3
+        return 5e-4 if self.top_k_layers > 0 else 2e-2
 
     @property
     def label_names(self) -> list[str]:

@@ -39,7 +39,7 @@ class SimOptions:
 
     nodes: int = 4
     data: str = ""  # a dataset file; empty = synthetic demo data
-    synthetic_size: int = 1200  # examples of synthetic demo data (all nodes together)
+    synthetic_size: int = 8000  # examples of synthetic demo data (all nodes together)
     synthetic_skew: float = 0.4
     partition: str = "iid"  # iid | dirichlet | group
     alpha: float = 1.0
