@@ -24,6 +24,7 @@ log = logging.getLogger("fedpriv.client")
 
 ERROR_CODE_DATA = 4001  # the node's dataset could not be opened or validated
 ERROR_CODE_TRAIN = 4002  # training failed on the node
+ERROR_CODE_REFUSED = 4003  # a release would exceed the node's privacy budget
 
 
 def _run_config(msg: Message) -> RunConfig:
@@ -170,14 +171,17 @@ def handle_evaluate(msg: Message, context: Context, *, sim_nodes_dir: str | None
     info: dict[str, Any] = {"node": name, "count_noise_epsilon": 0.0}
     eps_counts = max(node.count_noise_epsilon, cfg.count_noise_epsilon)
     if eps_counts > 0:
+        from client.node import NodePrivacy
+
+        # A count release is paid from the same budget as training and recorded in the same ledger.
+        privacy = NodePrivacy(node, cfg, name=name, data=data)
+        refusal = privacy.count_noise_refusal(eps_counts)
+        if refusal is not None:
+            return _error_reply(msg, ERROR_CODE_REFUSED, f"evaluation counts not released: {refusal}")
         rng = np.random.default_rng(derived_seed(cfg.seed, name, server_round, "counts") if cfg.noise_seed >= 0 else None)
         cms = noisy_group_confusions(cms, epsilon=eps_counts, rng=rng)
         info["count_noise_epsilon"] = eps_counts
-        if cfg.dp:
-            from client.node import NodePrivacy
-
-            privacy = NodePrivacy(node, cfg, name=name, data=data)
-            info["ledger_entry"] = privacy.record_count_noise(run=run, server_round=server_round, epsilon=eps_counts)
+        info["ledger_entry"] = privacy.record_count_noise(run=run, server_round=server_round, epsilon=eps_counts)
     n = len(data.val)
     metrics = {
         "num-examples": n,

@@ -178,7 +178,10 @@ class NodePrivacy:
         if self.delta >= 1.0 / max(n, 1):
             return None, REFUSE_DELTA.format(delta=self.delta, inv=1.0 / max(n, 1), n=n)
         q, steps = planned_dp_steps(n, batch_size=self.cfg.batch_size, epochs=self.cfg.local_epochs)
-        spent = self.accountant.epsilon()
+        try:
+            spent = self.accountant.epsilon()
+        except ValueError as exc:
+            return None, f"refusing to train: the privacy spent so far cannot be computed ({exc})"
         run_file = self._run_file(run)
         if run_file.exists():
             sigma = float(json.loads(run_file.read_text())["noise_multiplier"])
@@ -201,7 +204,10 @@ class NodePrivacy:
                                        "planned_rounds": planned_rounds, "first_round": server_round}))
             os.replace(tmp, run_file)
         release = DpSgdRelease(noise_multiplier=sigma, sample_rate=q, steps=steps)
-        after = self.accountant.epsilon_if(release)
+        try:
+            after = self.accountant.epsilon_if(release)
+        except ValueError as exc:  # an accountant that cannot evaluate these parameters: refuse, never guess
+            return None, f"refusing to train: the privacy cost cannot be computed ({exc})"
         reason = check_budget(spent=spent, cost_after=after, budget=self.budget, delta=self.delta)
         if reason is not None:
             return None, reason
@@ -278,9 +284,21 @@ class NodePrivacy:
             arrays = {k: z[f"a{i}"] for i, k in enumerate(meta["keys"])}
         return arrays, meta["metrics"], meta["entry"]
 
+    def count_noise_refusal(self, epsilon: float) -> str | None:
+        """None when a count release of ``epsilon`` fits the budget, else why not."""
+        from common.privacy import CountRelease, check_budget
+
+        spent = self.accountant.epsilon()
+        return check_budget(spent=spent, cost_after=self.accountant.epsilon_if(CountRelease(epsilon)),
+                            budget=self.budget, delta=self.delta)
+
     def record_count_noise(self, *, run: str, server_round: int, epsilon: float) -> dict[str, Any]:
+        """Account a noised-count release (pure ε, basic composition) and write its ledger entry."""
         import datetime as dt
 
+        from common.privacy import CountRelease
+
+        self.accountant.commit(CountRelease(epsilon))
         return self.ledger.append({
             "schema": 1,
             "kind": "count-noise",
@@ -290,6 +308,7 @@ class NodePrivacy:
             "dataset": self.data.fingerprint,
             "mechanism": "discrete-laplace",
             "epsilon_release": epsilon,
+            "epsilon": self.accountant.epsilon(),
             "delta": self.delta,
             "budget_epsilon": self.budget,
             "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -72,47 +72,14 @@ class AuditReport:
 # --------------------------------------------------------------------------------------------- recompute
 
 
-ALL_ACCOUNTANTS = ("opacus_rdp", "opacus_prv", "dp_accounting_pld", "dp_accounting_rdp")
-
-
-def recompute_epsilon(history: list[tuple[float, float, int]], *, delta: float,
-                      which: tuple[str, ...] = ALL_ACCOUNTANTS) -> dict[str, float]:
-    """ε at ``delta`` of DP-SGD steps ``[(noise_multiplier, sample_rate, steps), ...]`` by independent accountants."""
-    active = [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0]
-    if not active:
-        return dict.fromkeys(which, 0.0)
-    if any(s == 0 for s, _, _ in active):
-        return dict.fromkeys(which, math.inf)
+def recompute_epsilon(history: list[tuple[float, float, int]], *, delta: float) -> dict[str, float]:
+    """ε by Opacus RDP/PRV and dp-accounting PLD/RDP (``common.audit_accounting``, not the training path)."""
     import logging
 
-    import dp_accounting as dpa
-    from dp_accounting.pld import pld_privacy_accountant
-    from dp_accounting.rdp import rdp_privacy_accountant
-    from opacus.accountants import PRVAccountant, RDPAccountant
+    from common.audit_accounting import recompute_epsilon as independent
 
-    # dp-accounting logs every RDP order it drops for numerical reasons; the value is still an upper bound.
     logging.getLogger("absl").setLevel(logging.ERROR)
-    out: dict[str, float] = {}
-    events = [dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(s)), n) for s, q, n in active]
-    if "opacus_rdp" in which:
-        rdp = RDPAccountant()
-        rdp.history = list(active)
-        out["opacus_rdp"] = float(rdp.get_epsilon(delta=delta))
-    if "opacus_prv" in which:
-        prv = PRVAccountant()
-        prv.history = list(active)
-        out["opacus_prv"] = float(prv.get_epsilon(delta=delta, eps_error=0.01))
-    if "dp_accounting_pld" in which:
-        pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
-        for ev in events:
-            pld.compose(ev)
-        out["dp_accounting_pld"] = float(pld.get_epsilon(delta))
-    if "dp_accounting_rdp" in which:
-        g_rdp = rdp_privacy_accountant.RdpAccountant()
-        for ev in events:
-            g_rdp.compose(ev)
-        out["dp_accounting_rdp"] = float(g_rdp.get_epsilon(delta))
-    return out
+    return independent(history, delta=delta)
 
 
 def recompute_central(noise_multipliers: list[float], *, delta: float) -> float:
@@ -179,7 +146,10 @@ def audit_run(run_dir: str | Path, *, pubkeys: str | Path | None = None,
         if not key_path.exists():
             rep.findings.append(Finding("signature", node, f"no public key at {key_path}"))
             continue
-        res = verify_ledger(led, load_public_key(key_path))
+        own = _node_copy(run_dir, node, Path(node_ledgers) if node_ledgers else None)
+        # The server copy holds the entries of the runs it saw: a segment of the node's chain that may start
+        # after entry 0 when the node took part in earlier runs; the node's own copy is checked from entry 0.
+        res = verify_ledger(led, load_public_key(key_path), segment=True)
         for p in res.problems:
             rep.findings.append(Finding("chain", node, p.message, entry=p.index))
         if res.ok:
@@ -187,9 +157,11 @@ def audit_run(run_dir: str | Path, *, pubkeys: str | Path | None = None,
                                         ok=True))
         entries = res.entries
         # ---- node's own copy
-        own = _node_copy(run_dir, node, Path(node_ledgers) if node_ledgers else None)
+        accounting_entries = entries
         if own is not None:
             own_res = verify_ledger(own, load_public_key(key_path))
+            if own_res.ok:
+                accounting_entries = own_res.entries  # the full history, earlier runs included
             for p in own_res.problems:
                 rep.findings.append(Finding("copies", node, f"node's own ledger: {p.message}", entry=p.index))
             mine = [e["hash"] for e in own_res.entries if e.get("run") == run_id]
@@ -249,9 +221,7 @@ def audit_run(run_dir: str | Path, *, pubkeys: str | Path | None = None,
         per_entry = []
         node_fail = False
         last_recomputed: dict[str, float] = {}
-        last_release = max((i for i, e in enumerate(entries) if e.get("kind") in (*TRAINING_KINDS, "count-noise")),
-                           default=-1)
-        for pos, e in enumerate(entries):
+        for e in accounting_entries:
             kind = e.get("kind")
             if kind == "count-noise":
                 pure += float(e.get("epsilon_release", 0.0))
@@ -260,10 +230,7 @@ def audit_run(run_dir: str | Path, *, pubkeys: str | Path | None = None,
             else:
                 continue
             delta = float(e.get("delta", 1e-5))
-            # Every entry: its own accountant family and PLD (budget); the last one: all four accountants.
-            which = ALL_ACCOUNTANTS if pos == last_release else tuple(
-                {_claimed_key(str(e.get("accountant", "prv"))), "dp_accounting_pld"})
-            rec = {k: v + pure for k, v in recompute_epsilon(history, delta=delta, which=which).items()}
+            rec = {k: v + pure for k, v in recompute_epsilon(history, delta=delta).items()}
             last_recomputed = rec
             claimed = float(e.get("epsilon", math.nan)) if kind in TRAINING_KINDS else None
             if claimed is not None:

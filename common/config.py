@@ -81,7 +81,7 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
 
 def _check(key: str, value: float, *, low: float | None = None, high: float | None = None,
            low_open: bool = False, high_open: bool = False) -> None:
-    ok = not (isinstance(value, float) and math.isnan(value))
+    ok = not (isinstance(value, float) and not math.isfinite(value))  # NaN and ±inf are never valid
     if low is not None:
         ok = ok and (value > low if low_open else value >= low)
     if high is not None:
@@ -113,7 +113,11 @@ def parse_kv_string(text: str) -> dict[str, str]:
     import shlex
 
     out: dict[str, str] = {}
-    for token in shlex.split(text):
+    try:
+        tokens = shlex.split(text)
+    except ValueError as exc:  # e.g. "No closing quotation"
+        raise ConfigError(f"run config {text!r} cannot be parsed: {exc}") from None
+    for token in tokens:
         if "=" not in token:
             raise ConfigError(f"run config item {token!r} is not of the form key=value")
         key, value = token.split("=", 1)
@@ -163,7 +167,6 @@ class RunConfig:
     label_col: str = "label"
     group_col: str = ""  # empty: no group column, fairness is computed over one group "all"
     val_fraction: float = 0.2  # each node's local validation split
-    clean_text: bool = False  # optional normalisation (see common.data)
     # --- local training
     local_epochs: int = 1
     batch_size: int = 64  # logical batch size (expected batch size under Poisson sampling)
@@ -188,9 +191,6 @@ class RunConfig:
     count_noise_epsilon: float = 0.0  # >0: nodes noise their evaluation counts with this ε per round
     fairness_thresholds: dict[str, float] = field(default_factory=dict)  # fairness.<key> = value
     keep_best_fair: bool = False  # also keep best_fair/ (best accuracy among rounds meeting thresholds)
-    early_stopping_metric: str = ""  # e.g. accuracy, macro_f1, eval_accuracy; empty = off
-    early_stopping_patience: int = 2
-    early_stopping_min_delta: float = 0.0
     out: str = "runs/latest"  # run directory
 
     def __post_init__(self) -> None:
@@ -226,8 +226,6 @@ class RunConfig:
         _check("central-clipping-norm", self.central_clipping_norm, low=0.0, low_open=True)
         _check("min-group-size", self.min_group_size, low=0)
         _check("count-noise-epsilon", self.count_noise_epsilon, low=0.0)
-        _check("early-stopping-patience", self.early_stopping_patience, low=1)
-        _check("early-stopping-min-delta", self.early_stopping_min_delta, low=0.0)
         for key, value in self.fairness_thresholds.items():
             if key not in FAIRNESS_THRESHOLD_KEYS:
                 raise ConfigError(
@@ -235,7 +233,8 @@ class RunConfig:
                         key=f"fairness.{key}", valid=", ".join(f"fairness.{k}" for k in FAIRNESS_THRESHOLD_KEYS)
                     )
                 )
-            _check(f"fairness.{key}", value, low=0.0)
+            # every thresholded metric (differences, ratios, accuracies) lies in [0, 1]
+            _check(f"fairness.{key}", value, low=0.0, high=1.0)
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(ERR_CHOICE.format(key="device", choices="auto, cpu, cuda, cuda:N", value=self.device))
 
@@ -325,6 +324,8 @@ class NodeConfig:
         _check("epsilon", self.epsilon, low=0.0, low_open=True)
         _check("delta", self.delta, low=0.0, high=1.0, low_open=True, high_open=True)
         _check("count-noise-epsilon", self.count_noise_epsilon, low=0.0)
+        if self.device and not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ConfigError(ERR_CHOICE.format(key="device", choices="auto, cpu, cuda, cuda:N", value=self.device))
         if self.key_file and self.passphrase_env:
             raise ConfigError("node config sets both 'key-file' and 'passphrase-env'; set exactly one")
 

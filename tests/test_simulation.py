@@ -93,3 +93,47 @@ def test_same_seed_same_metrics(tmp_path: Path, plain_run: Path) -> None:
     for ra, rb in zip(a, b, strict=True):
         assert ra["accuracy"] == rb["accuracy"]
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-9, abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("sim-dp")
+    out = tmp / "run"
+    _simulate(tmp, out, "--encrypt", "--train-part", "head", "--epsilon", "4", "--seed", "1",
+              "--run-config", "noise-seed=0 accountant=rdp")
+    return out
+
+
+def test_dp_run_spends_within_budget_and_its_audit_passes(dp_run: Path) -> None:
+    from common.audit import audit_run
+    from common.ledger import load_public_key, verify_ledger
+
+    rows = _rows(dp_run)
+    assert all(r["status"] == "ok" for r in rows)
+    eps = [r["epsilon"] for r in rows]
+    for node in ("node-0", "node-1"):
+        assert 0 < eps[0][node] < eps[1][node] <= 4.0
+        res = verify_ledger(dp_run / "ledgers" / f"{node}.jsonl", load_public_key(dp_run / "ledgers" / f"{node}.pub"))
+        assert res.ok and [e["round"] for e in res.entries] == [1, 2]
+        assert res.entries[0]["noise_seed"] is not None  # a fixed seed was asked for, and it is recorded
+    rep = audit_run(dp_run)
+    assert rep.passed, [str(f) for f in rep.failures]
+
+
+def test_encrypted_nodes_leave_no_plaintext_on_disk(dp_run: Path) -> None:
+    for node_dir in (dp_run / "nodes").iterdir():
+        names = sorted(p.name for p in node_dir.rglob("*") if p.is_file())
+        assert "data.jsonl.fpenc" in names
+        assert not [n for n in names if n.endswith((".jsonl", ".csv", ".tsv", ".parquet")) and n != "ledger.jsonl"]
+        for p in node_dir.rglob("*"):
+            if p.is_file() and p.name not in ("node.json",):
+                assert b"the staff" not in p.read_bytes() and b"the service" not in p.read_bytes(), p
+
+
+def test_node_refuses_when_delta_is_too_large_and_the_run_records_it(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _simulate(tmp_path, out, "--delta", "0.05", "--rounds", "1", "--train-part", "head")
+    row = _rows(out)[0]
+    assert row["status"] == "failed"
+    assert {r["node"] for r in row["refusals"]} == {"node-0", "node-1"}
+    assert all("delta=0.05 is not below 1/n" in r["reason"] for r in row["refusals"])
