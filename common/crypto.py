@@ -269,30 +269,33 @@ def _encrypt_stream(read_chunk, write, *, key_source: KeySource, size: int, chun
     write(hb)
     aead = AESGCM(enc_key)
     n = h.num_chunks
+    out_buf = bytearray(min(chunk_size, size) + TAG_SIZE)
     for i in range(n):
         want = min(chunk_size, size - i * chunk_size)
         pt = read_chunk(want)
         if len(pt) != want:
             raise OSError("input changed size while being encrypted")
-        write(aead.encrypt(_nonce(i), pt, _aad(hb, i, i == n - 1)))
+        ct = memoryview(out_buf)[: want + TAG_SIZE]
+        aead.encrypt_into(_nonce(i), pt, _aad(hb, i, i == n - 1), ct)
+        write(ct)
 
 
 def encrypt_bytes(plaintext: bytes, *, key_source: KeySource, chunk_size: int = DEFAULT_CHUNK_SIZE,
                   inner_name: str = "") -> bytes:
     """Encrypt in memory; ``inner_name`` (e.g. ``data.csv``) tells readers the inner format."""
     view = memoryview(plaintext)
-    out: list[bytes] = []
+    parts: list[bytes] = []
     pos = 0
 
-    def read_chunk(k: int) -> bytes:
+    def read_chunk(k: int) -> memoryview:
         nonlocal pos
-        b = bytes(view[pos: pos + k])
+        chunk = view[pos: pos + k]  # no copy
         pos += k
-        return b
+        return chunk
 
-    _encrypt_stream(read_chunk, out.append, key_source=key_source, size=len(plaintext), chunk_size=chunk_size,
-                    inner_name=inner_name)
-    return b"".join(out)
+    _encrypt_stream(read_chunk, lambda b: parts.append(bytes(b)), key_source=key_source, size=len(plaintext),
+                    chunk_size=chunk_size, inner_name=inner_name)
+    return b"".join(parts)
 
 
 def _atomic_writer(out_path: Path):
@@ -356,21 +359,27 @@ def decrypt_to_memory(src: str | Path | bytes | bytearray, *, key_source: KeySou
             raise WrongKeyError(msg.format(file=file))
         aead = AESGCM(enc_key)
         out = bytearray(h.plaintext_size)
+        view = memoryview(out)
+        ct_buf = bytearray(min(h.chunk_size, max(h.plaintext_size, 0)) + TAG_SIZE)
         n = h.num_chunks
         try:
             for i in range(n):
-                want = min(h.chunk_size, h.plaintext_size - i * h.chunk_size) + TAG_SIZE
-                ct = f.read(want)
-                if len(ct) != want:
+                pt_len = min(h.chunk_size, h.plaintext_size - i * h.chunk_size)
+                ct = memoryview(ct_buf)[: pt_len + TAG_SIZE]
+                if f.readinto(ct) != len(ct):
                     raise TruncatedError(ERR_TRUNCATED.format(file=file, got=body, expected=h.ciphertext_size()))
                 try:
-                    pt = aead.decrypt(_nonce(i), ct, _aad(hb, i, i == n - 1))
+                    # Decrypt straight into the result buffer (no per-chunk copies); a failed tag leaves
+                    # garbage there, which is zeroed below before the error propagates.
+                    aead.decrypt_into(_nonce(i), ct, _aad(hb, i, i == n - 1),
+                                      view[i * h.chunk_size: i * h.chunk_size + pt_len])
                 except InvalidTag:
                     raise CorruptedChunkError(ERR_CORRUPT.format(file=file, index=i), i) from None
-                out[i * h.chunk_size: i * h.chunk_size + len(pt)] = pt
         except BaseException:
-            out[:] = b"\x00" * len(out)
+            view[:] = bytes(len(out))
             raise
+        finally:
+            view.release()
     return out
 
 
