@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def decrypt_worker(path: str, key_file: str) -> None:
     sys.path.insert(0, str(ROOT))
-    from common.crypto import KeySource, decrypt_to_memory
-
     import psutil
+
+    from common.crypto import KeySource, decrypt_to_memory
 
     src = KeySource.from_key_file(key_file)
     proc = psutil.Process()

@@ -187,5 +187,8 @@ def _train_dp(model, loader, optimizer, *, settings: TrainSettings, device, dp: 
 
 def planned_dp_steps(n: int, *, batch_size: int, epochs: int) -> tuple[float, int]:
     """(sample rate q, number of Poisson draws) of one round on ``n`` examples: q = 1/ceil(n/B)."""
+    for name, value in (("n", n), ("batch_size", batch_size), ("epochs", epochs)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     per_epoch = math.ceil(n / min(batch_size, n))
     return 1.0 / per_epoch, per_epoch * epochs

@@ -34,6 +34,7 @@ ERR_MISSING_LABEL = "{file}, row {row}, column {col!r}: missing label"
 ERR_UNKNOWN_LABEL = "{file}, row {row}, column {col!r}: unknown label {value!r}; expected one of {expected}"
 ERR_MISSING_GROUP = "{file}, row {row}, column {col!r}: missing group value (fill it in, or use an explicit value such as 'unknown')"
 ERR_BAD_JSON = "{file}, row {row}: not a JSON object ({reason})"
+ERR_FIELD_COUNT = "{file}, row {row}: {got} fields, the header has {expected}"
 ERR_UNREADABLE = "{file}: cannot be read ({reason})"
 ERR_PLAINTEXT_REFUSED = "{file}: node config require-encryption=true but the file is not a fedpriv container; encrypt it with `fedpriv dataset encrypt`"
 ERR_ONE_CLASS = "{file}: labels must have at least two classes; found {labels}"
@@ -91,13 +92,33 @@ def detect_format(name: str) -> str | None:
     return FORMATS.get(Path(name).suffix.lower())
 
 
-def _decode_utf8(raw: bytes | bytearray, file: str) -> str:
+def _decode_utf8(raw: bytes | bytearray, file: str, *, header: bool) -> str:
+    """Decode UTF-8; on failure name every line holding an invalid byte as a data row.
+
+    ``header``: the first line is a header (CSV/TSV), so line ``k`` (0-based) is data row ``k``; without a
+    header (JSONL) it is data row ``k + 1``.
+    """
     try:
         text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        row = raw[: exc.start].count(b"\n")  # newlines before the bad byte = 0-based line = data row w/ header
-        raise DataError([ERR_ENCODING.format(file=file, row=max(row, 1), byte=raw[exc.start], offset=exc.start)]) from None
+    except UnicodeDecodeError:
+        problems = []
+        offset = 0
+        for line_no, line in enumerate(bytes(raw).split(b"\n")):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                row = max(line_no if header else line_no + 1, 1)
+                problems.append(ERR_ENCODING.format(file=file, row=row, byte=line[exc.start],
+                                                    offset=offset + exc.start))
+            offset += len(line) + 1
+        raise DataError(problems) from None
     return text.removeprefix("\ufeff")
+
+
+class _Rows(list):
+    """Parsed rows plus their 1-based data-row numbers in the file (blank lines keep their number)."""
+
+    numbers: list[int]
 
 
 def _cell_to_str(value: Any) -> str | None:
@@ -125,7 +146,7 @@ def read_rows(raw: bytes, *, fmt: str, file: str) -> tuple[list[str], list[dict[
     if fmt in ("csv", "tsv"):
         import csv
 
-        text = _decode_utf8(raw, file)
+        text = _decode_utf8(raw, file, header=True)
         reader = csv.reader(io.StringIO(text, newline=""), delimiter="," if fmt == "csv" else "\t")
         try:
             header = next(reader)
@@ -133,24 +154,29 @@ def read_rows(raw: bytes, *, fmt: str, file: str) -> tuple[list[str], list[dict[
         except csv.Error as exc:
             raise DataError([ERR_UNREADABLE.format(file=file, reason=exc)]) from None
         header = [h.strip() for h in header]
-        rows: list[dict[str, str | None]] = []
+        rows: _Rows = _Rows()
+        rows.numbers = []
         problems: list[str] = []
         for i, rec in enumerate(records, start=1):
             if not rec:  # blank line
                 continue
             if len(rec) != len(header):
-                problems.append(f"{file}, row {i}: {len(rec)} fields, the header has {len(header)}")
+                problems.append(ERR_FIELD_COUNT.format(file=file, row=i, got=len(rec), expected=len(header)))
                 continue
             rows.append(dict(zip(header, rec, strict=True)))
+            rows.numbers.append(i)
         if problems:
             raise DataError(problems)
         return header, rows
     if fmt == "jsonl":
-        text = _decode_utf8(raw, file)
-        rows = []
+        text = _decode_utf8(raw, file, header=False)
+        rows = _Rows()
+        rows.numbers = []
         columns: dict[str, None] = {}
         problems = []
-        for i, line in enumerate(text.splitlines(), start=1):
+        # Split on "\n" only: str.splitlines() also breaks at U+2028, U+0085, \x1c.., which JSON strings
+        # may hold unescaped (json.dumps(ensure_ascii=False) writes them raw).
+        for i, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -162,6 +188,7 @@ def read_rows(raw: bytes, *, fmt: str, file: str) -> tuple[list[str], list[dict[
                 problems.append(ERR_BAD_JSON.format(file=file, row=i, reason=f"got {type(obj).__name__}"))
                 continue
             rows.append({k: _cell_to_str(v) for k, v in obj.items()})
+            rows.numbers.append(i)
             columns.update(dict.fromkeys(obj))
         if problems:
             raise DataError(problems)
@@ -238,12 +265,14 @@ def parse_rows(cols: list[str], rows: list[dict[str, str | None]], *, schema: Sc
         raise DataError(problems)
     if not rows:
         raise DataError([ERR_NO_ROWS.format(file=file)])
+    labels = [str(x) for x in labels]  # the label list may be given as ints; cells are strings
     index = {name: i for i, name in enumerate(labels)}
     expected = ", ".join(repr(x) for x in labels)
+    numbers = getattr(rows, "numbers", None) or range(1, len(rows) + 1)
     texts: list[str] = []
     ys: list[int] = []
     groups: list[str] = []
-    for i, row in enumerate(rows, start=1):
+    for i, row in zip(numbers, rows, strict=True):
         text = row.get(schema.text_col)
         if text is None or not text.strip():
             problems.append(ERR_EMPTY_TEXT.format(file=file, row=i, col=schema.text_col))
@@ -324,7 +353,10 @@ def encode_records(records: list[dict[str, Any]], *, fmt: str | None) -> bytes:
 
         buf = io.StringIO()
         cols = list(records[0]) if records else []
-        w = csv.DictWriter(buf, fieldnames=cols, delimiter="," if fmt == "csv" else "\t", lineterminator="\n")
+        # QUOTE_MINIMAL quotes only characters of the line terminator; a lone "\r" must be quoted too.
+        has_cr = any("\r" in str(v) for r in records for v in r.values())
+        w = csv.DictWriter(buf, fieldnames=cols, delimiter="," if fmt == "csv" else "\t", lineterminator="\n",
+                           quoting=csv.QUOTE_ALL if has_cr else csv.QUOTE_MINIMAL)
         w.writeheader()
         w.writerows(records)
         return buf.getvalue().encode("utf-8")

@@ -179,18 +179,23 @@ def load_trainable(model, arrays: dict[str, np.ndarray]) -> None:
             f"trainable tensors do not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
         )
+    # Check every shape before copying anything, so a bad update never leaves the model half-loaded.
+    bad = [f"tensor {name!r} has shape {tuple(np.shape(arrays[name]))}, model expects {tuple(p.shape)}"
+           for name, p in params.items() if tuple(np.shape(arrays[name])) != tuple(p.shape)]
+    if bad:
+        raise ValueError("; ".join(bad))
     with torch.no_grad():
         for name, p in params.items():
-            src = np.asarray(arrays[name])
-            if tuple(src.shape) != tuple(p.shape):
-                raise ValueError(f"tensor {name!r} has shape {tuple(src.shape)}, model expects {tuple(p.shape)}")
-            p.copy_(torch.from_numpy(np.ascontiguousarray(src)).to(dtype=p.dtype, device=p.device))
+            # np.asarray(order="C"), not np.ascontiguousarray: the latter turns 0-d arrays into shape (1,).
+            src = np.asarray(arrays[name], order="C")
+            p.copy_(torch.from_numpy(src).to(dtype=p.dtype, device=p.device))
 
 
 def to_array_record(arrays: dict[str, np.ndarray]):
     from flwr.app import Array, ArrayRecord
 
-    return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
+    # np.asarray(order="C") keeps 0-d (scalar) tensors 0-d; np.ascontiguousarray would make them shape (1,).
+    return ArrayRecord(OrderedDict((k, Array(np.asarray(v, order="C"))) for k, v in arrays.items()))
 
 
 def from_array_record(record) -> OrderedDict[str, np.ndarray]:
@@ -199,8 +204,12 @@ def from_array_record(record) -> OrderedDict[str, np.ndarray]:
 
 def save_pretrained(model, tokenizer, out_dir: Path) -> Path:
     """Write a directory that ``transformers`` loads directly (LoRA adapters are merged first)."""
+    import copy
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Work on a copy: merging LoRA and flipping requires_grad must not change the caller's model.
+    model = copy.deepcopy(model)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     for p in model.parameters():

@@ -74,12 +74,7 @@ def fedavg(updates: list[Update]) -> dict[str, np.ndarray]:
 
 def _flower_aggregate(kind: str, updates: list[Update], *, trim_beta: float, krum_byzantine: int):
     """Run one of Flower's robust strategies' ``aggregate_train`` on the validated updates."""
-    from flwr.app import (
-        ArrayRecord,
-        Metadata,  # noqa: F401  (documented import path)
-        MetricRecord,
-        RecordDict,
-    )
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
     from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum
 
     from common.model import from_array_record, to_array_record
@@ -105,11 +100,25 @@ def _flower_aggregate(kind: str, updates: list[Update], *, trim_beta: float, kru
 
 
 def _reply_message(content, *, src_node_id: int):
-    """A reply-shaped Message for feeding Flower strategies outside a Grid round."""
-    from flwr.app import Message
+    """A reply-shaped Message for feeding Flower strategies outside a Grid round.
 
-    instruction = Message(content=content, dst_node_id=src_node_id, message_type="train")
-    return Message(content=content, reply_to=instruction)
+    The metadata is given explicitly: building an instruction ``Message`` first would read
+    ``TaskIdentity.run_id``/``node_id``, which are only set inside a running Flower task.
+    """
+    from flwr.app import Message, Metadata
+
+    metadata = Metadata(
+        run_id=0,
+        message_id="",
+        src_node_id=src_node_id,
+        dst_node_id=0,
+        reply_to_message_id="",
+        group_id="",
+        created_at=0.0,
+        ttl=3600.0,
+        message_type="train",
+    )
+    return Message(content=content, metadata=metadata)
 
 
 def aggregate(kind: str, updates: list[Update], *, trim_beta: float = 0.2, krum_byzantine: int = 0):

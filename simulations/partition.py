@@ -74,6 +74,11 @@ def by_group(groups: Sequence[str], num_nodes: int, *, seed: int) -> list[np.nda
     owners: list[list[int]] = [[] for _ in order]
     for node in range(num_nodes):
         owners[node % len(order)].append(node)
+    for g, nodes in zip(order, owners, strict=True):
+        size = int(np.sum(groups == g))
+        if size < len(nodes):  # array_split would leave a node without data
+            raise ValueError(f"group {str(g)!r} has {size} examples but would be split across {len(nodes)} nodes; "
+                             f"lower --nodes")
     parts = [[] for _ in range(num_nodes)]
     for g, nodes in zip(order, owners, strict=True):
         idx = rng.permutation(np.flatnonzero(groups == g))
