@@ -107,7 +107,7 @@ def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -
         learning_rate=cfg.effective_learning_rate,
         weight_decay=cfg.weight_decay,
         warmup_ratio=cfg.warmup_ratio,
-        seed=derived_seed(cfg.seed, run, name, server_round),
+        seed=derived_seed(cfg.seed, name, server_round),  # not the run id: same seed, same run
     )
     dp = None
     noise_seed = None

@@ -82,6 +82,8 @@ def train_local(model, enc: Encoded, *, settings: TrainSettings, device, pad_id:
     ids, mask, labels = _tensors(enc, pad_id)
     dataset = TensorDataset(ids, mask, labels)
     gen = torch.Generator().manual_seed(settings.seed)
+    # Dropout draws from the global generator: seed it too, so a round is reproducible from its seed.
+    torch.manual_seed(settings.seed)
     batch = min(settings.batch_size, n)
     loader = DataLoader(dataset, batch_size=batch, shuffle=dp is None, generator=gen, drop_last=False)
     steps_per_epoch = len(loader)

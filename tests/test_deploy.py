@@ -32,7 +32,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_port(port: int, timeout: float = 60) -> None:
+def wait_port(port: int, timeout: float = 240) -> None:
     end = time.time() + timeout
     while time.time() < end:
         with socket.socket() as s:
