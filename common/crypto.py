@@ -24,10 +24,11 @@ import hmac
 import math
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
+
+from common.fsutil import atomic_output, atomic_write_bytes
 
 MAGIC = b"FPRIVDS\x00"
 FORMAT_VERSION = 1
@@ -298,28 +299,14 @@ def encrypt_bytes(plaintext: bytes, *, key_source: KeySource, chunk_size: int = 
     return b"".join(parts)
 
 
-def _atomic_writer(out_path: Path):
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.")
-    return fd, tmp
-
-
 def encrypt_file(in_path: str | Path, out_path: str | Path, *, key_source: KeySource,
                  chunk_size: int = DEFAULT_CHUNK_SIZE) -> Path:
     """Stream-encrypt a file; the output appears atomically (temp file in the same directory + rename)."""
     in_path, out_path = Path(in_path), Path(out_path)
     size = in_path.stat().st_size
-    fd, tmp = _atomic_writer(out_path)
-    try:
-        with open(in_path, "rb") as src, os.fdopen(fd, "wb") as dst:
-            _encrypt_stream(src.read, dst.write, key_source=key_source, size=size, chunk_size=chunk_size,
-                            inner_name=in_path.name)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with open(in_path, "rb") as src, atomic_output(out_path) as dst:
+        _encrypt_stream(src.read, dst.write, key_source=key_source, size=size, chunk_size=chunk_size,
+                        inner_name=in_path.name)
     return out_path
 
 
@@ -392,18 +379,7 @@ def decrypt_file(in_path: str | Path, out: str | Path, *, key_source: KeySource)
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         return
-    out = Path(out)
-    fd, tmp = _atomic_writer(out)
-    try:
-        with os.fdopen(fd, "wb") as dst:
-            dst.write(data)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(out, data, mode=0o600)
 
 
 def rekey_file(in_path: str | Path, out_path: str | Path, *, old_key_source: KeySource,
@@ -413,19 +389,9 @@ def rekey_file(in_path: str | Path, out_path: str | Path, *, old_key_source: Key
     data = decrypt_to_memory(in_path, key_source=old_key_source)
     blob = encrypt_bytes(bytes(data), key_source=new_key_source, chunk_size=int(info["chunk_size"]),
                          inner_name=str(info["inner_name"]))
-    data[:] = b"\x00" * len(data)
-    out_path = Path(out_path)
-    fd, tmp = _atomic_writer(out_path)
-    try:
-        with os.fdopen(fd, "wb") as dst:
-            dst.write(blob)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out_path
+    data[:] = bytes(len(data))
+    atomic_write_bytes(out_path, blob)
+    return Path(out_path)
 
 
 def inspect(path: str | Path | bytes) -> dict[str, object]:

@@ -20,31 +20,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from common.fsutil import atomic_write_bytes
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 class RunDir:
@@ -126,7 +112,7 @@ class RunDir:
         buf = io.BytesIO()
         keys = list(arrays)
         np.savez(buf, **{f"a{i}": np.asarray(arrays[k]) for i, k in enumerate(keys)})
-        _atomic_write_bytes(ckpt / arrays_file, buf.getvalue())
+        atomic_write_bytes(ckpt / arrays_file, buf.getvalue())
         state = {"round": round_, "run_id": run_id, "arrays_file": arrays_file, "array_keys": keys, **(extra or {})}
         atomic_write_text(ckpt / "state.json", json.dumps(state, indent=2, sort_keys=True, default=_json_default))
         for old in ckpt.glob("arrays-r*.npz"):
