@@ -45,7 +45,8 @@ def plain_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("sim-plain")
     out = tmp / "run"
     _simulate(tmp, out, "--no-dp", "--train-part", "full", "--lr", "0.005", "--local-epochs", "3",
-              "--batch-size", "16", "--seed", "0")
+              "--batch-size", "16", "--seed", "0",
+              "--run-config", "fairness.max-equalized-odds-difference=0.95 keep-best-fair=true")
     return out
 
 
@@ -85,10 +86,27 @@ def test_run_directory_is_complete_and_model_loads_with_transformers(plain_run: 
     assert "plots/accuracy.png" in (plain_run / "report.md").read_text()
 
 
+def test_group_skewed_demo_shows_a_fairness_gap_and_its_charts(plain_run: Path) -> None:
+    last = _rows(plain_run)[-1]
+    gaps = last["fairness"]["gaps"]
+    assert set(last["fairness"]["groups"]) == {"north", "south"}
+    assert gaps["demographic_parity_difference"]["value"] > 0.05  # the demo's label skew shows up
+    assert last["fairness_violations"] == [] or all(v["threshold"] == 0.95 for v in last["fairness_violations"])
+    for png in ("group_rates.png", "gaps.png"):
+        assert (plain_run / "plots" / png).stat().st_size > 0
+    report = (plain_run / "report.md").read_text()
+    assert "## Fairness" in report and "plots/gaps.png" in report
+    # keep-best-fair: the best round meeting the threshold is saved and loads like model/.
+    from transformers import BertForSequenceClassification
+
+    BertForSequenceClassification.from_pretrained(str(plain_run / "best_fair"))
+
+
 def test_same_seed_same_metrics(tmp_path: Path, plain_run: Path) -> None:
     out = tmp_path / "again"
     _simulate(tmp_path, out, "--no-dp", "--train-part", "full", "--lr", "0.005", "--local-epochs", "3",
-              "--batch-size", "16", "--seed", "0")
+              "--batch-size", "16", "--seed", "0",
+              "--run-config", "fairness.max-equalized-odds-difference=0.95 keep-best-fair=true")
     a, b = _rows(plain_run), _rows(out)
     for ra, rb in zip(a, b, strict=True):
         assert ra["accuracy"] == rb["accuracy"]
