@@ -68,7 +68,7 @@ def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -
         model, source = _build_model(cfg, node)
         data = load_node_data(node, cfg, model_source=source)
     except Exception as exc:  # the reply must say why; the run continues without this node
-        log.error("train round=%s: cannot open dataset: %s", server_round, exc)
+        log.error("run=%s round=%s node_id=%s cannot open dataset: %s", run, server_round, context.node_id, exc)
         return _error_reply(msg, ERROR_CODE_DATA, f"dataset cannot be used: {exc}")
 
     info: dict[str, Any] = {"node": name, "status": "ok"}
@@ -79,8 +79,8 @@ def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -
         again = privacy.released(run=run, server_round=server_round)
         if again is not None:
             arrays_np, metrics, entry = again
-            log.warning("node=%s round=%s already released in this run: re-sending it, no new training or ε",
-                        name, server_round)
+            log.warning("run=%s round=%s node=%s already released in this run: re-sending it, no new "
+                        "training or ε", run, server_round, name)
             info.update(ledger_entry=entry, public_key=privacy.public_key_path.read_text(), replayed=True)
             return Message(RecordDict({
                 "arrays": to_array_record(arrays_np),
@@ -89,7 +89,7 @@ def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -
             }), reply_to=msg)
         plan, refusal = privacy.plan(run=run, server_round=server_round, planned_rounds=planned_rounds)
         if refusal is not None:
-            log.warning("node=%s round=%s refused: %s", name, server_round, refusal)
+            log.warning("run=%s round=%s node=%s refused: %s", run, server_round, name, refusal)
             info.update(status="refused", reason=refusal, epsilon=privacy.accountant.epsilon(),
                         budget=privacy.budget)
             return Message(RecordDict({
@@ -118,7 +118,7 @@ def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -
     try:
         result = train_local(model, data.train, settings=settings, device=device, dp=dp)
     except Exception as exc:
-        log.exception("node=%s round=%s training failed", name, server_round)
+        log.exception("run=%s round=%s node=%s training failed", run, server_round, name)
         return _error_reply(msg, ERROR_CODE_TRAIN, f"training failed: {type(exc).__name__}: {exc}")
     metrics: dict[str, Any] = {
         "num-examples": len(data.train),
@@ -137,8 +137,8 @@ def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -
     if plan is not None and privacy is not None:
         privacy.save_release(run=run, server_round=server_round, arrays=dict(trained), metrics=metrics,
                              entry=info["ledger_entry"])
-    log.info("node=%s round=%s trained n=%d loss=%.4f eps=%s", name, server_round, len(data.train), result.loss,
-             metrics.get("epsilon", "off"))
+    log.info("run=%s round=%s node=%s trained n=%d loss=%.4f eps=%s", run, server_round, name, len(data.train),
+             result.loss, metrics.get("epsilon", "off"))
     return Message(RecordDict({
         "arrays": arrays,
         "metrics": MetricRecord(metrics),
