@@ -27,6 +27,7 @@ def atomic_output(path: str | Path, *, mode: int | None = None) -> Iterator[Bina
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # make the rename itself durable
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -35,3 +36,17 @@ def atomic_output(path: str | Path, *, mode: int | None = None) -> Iterator[Bina
 def atomic_write_bytes(path: str | Path, data: bytes, *, mode: int | None = None) -> None:
     with atomic_output(path, mode=mode) as f:
         f.write(data)
+
+
+def fsync_dir(directory: Path) -> None:
+    """fsync a directory so that a rename inside it survives a crash (no-op where unsupported)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)

@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.fsutil import fsync_dir as _fsync_dir
+
 SCHEMA = 1
 GENESIS = "0" * 64
 KEY_NAME = "node_ed25519.key"
@@ -682,16 +684,3 @@ def _json_ok(key: Any, value: Any) -> bool:
     except (ValueError, TypeError):
         return False
     return not (isinstance(value, float) and not math.isfinite(value))
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)

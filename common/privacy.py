@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.fsutil import fsync_dir as _fsync_dir
+
 ACCOUNTANTS = ("prv", "rdp")
 STATE_SCHEMA = 1
 PRV_EPS_ERROR = 0.01  # Opacus' default absolute error of the PRV ε; its upper bound is returned
@@ -624,16 +626,3 @@ def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
