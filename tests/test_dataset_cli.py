@@ -1,13 +1,22 @@
-"""`fedpriv dataset`: every error is one clear line and a non-zero exit; nothing partial is written."""
+"""`fedpriv dataset`: round trips, key handling, and every error as exactly one line (asserted verbatim from
+the message constants), a non-zero exit, and nothing written."""
 
 from __future__ import annotations
 
+import json
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from common import crypto
+from fedpriv import cmd_dataset
 from fedpriv.cli import main
+
+PASSWORD = "open sesame, twice"
 
 
 @pytest.fixture
@@ -17,67 +26,234 @@ def files(tmp_path: Path) -> dict[str, Path]:
     key = tmp_path / "site.key"
     assert main(["dataset", "keygen", str(key)]) == 0
     enc = tmp_path / "notes.fpenc"
-    assert main(["dataset", "encrypt", str(plain), str(enc), "--key-file", str(key)]) == 0
+    assert main(["dataset", "encrypt", str(plain), str(enc), "--key-file", str(key), "--chunk-size", "4096"]) == 0
     return {"plain": plain, "key": key, "enc": enc, "dir": tmp_path}
 
 
-def _err(capsys) -> list[str]:
-    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+def one_error(capsys: pytest.CaptureFixture[str], message: str) -> None:
+    """Exactly one stderr line, the prefix plus ``message``; nothing on stdout."""
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [cmd_dataset.PREFIX + message]
+    assert captured.out == ""
 
 
-def test_round_trip_to_stdout_and_file(files, capsys) -> None:
-    capsys.readouterr()
+def test_round_trip_to_stdout_and_to_a_0600_file(files, capsysbinary) -> None:
+    capsysbinary.readouterr()
     assert main(["dataset", "decrypt", str(files["enc"]), "-", "--key-file", str(files["key"])]) == 0
-    assert capsys.readouterr().out == files["plain"].read_text()
+    assert capsysbinary.readouterr().out == files["plain"].read_bytes()
     out = files["dir"] / "back.csv"
     assert main(["dataset", "decrypt", str(files["enc"]), str(out), "--key-file", str(files["key"])]) == 0
-    assert out.read_bytes() == files["plain"].read_bytes() and stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert out.read_bytes() == files["plain"].read_bytes()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert cmd_dataset.MSG_DECRYPTED.format(src=files["enc"], dst=out) in capsysbinary.readouterr().err.decode()
 
 
-def test_keygen_mode_and_refuses_overwrite(files, capsys) -> None:
-    assert stat.S_IMODE(files["key"].stat().st_mode) == 0o600
+def test_passphrase_round_trip(files, capsysbinary, monkeypatch) -> None:
+    monkeypatch.setenv("FP_PW", PASSWORD)
+    enc = files["dir"] / "pw.fpenc"
+    assert main(["dataset", "encrypt", str(files["plain"]), str(enc), "--passphrase-env", "FP_PW"]) == 0
+    capsysbinary.readouterr()
+    assert main(["dataset", "decrypt", str(enc), "-", "--passphrase-env", "FP_PW"]) == 0
+    assert capsysbinary.readouterr().out == files["plain"].read_bytes()
+
+
+def test_keygen_mode_0600_and_refuses_to_overwrite(files, capsys) -> None:
+    key = files["key"]
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert len(crypto.read_key_file(key)) == 32
+    before = key.read_bytes()
     capsys.readouterr()
-    assert main(["dataset", "keygen", str(files["key"])]) == 1
-    assert _err(capsys) == [f"fedpriv dataset: {files['key']}: already exists; refusing to overwrite a key file"]
-
-
-def test_wrong_key_wrong_passphrase(files, capsys, monkeypatch) -> None:
-    other = files["dir"] / "other.key"
-    main(["dataset", "keygen", str(other)])
-    capsys.readouterr()
-    assert main(["dataset", "decrypt", str(files["enc"]), "-", "--key-file", str(other)]) == 1
-    assert _err(capsys) == [f"fedpriv dataset: {files['enc']}: wrong key (the key-check value does not match)"]
-    monkeypatch.setenv("PW", "right")
-    pw = files["dir"] / "pw.fpenc"
-    assert main(["dataset", "rekey", str(files["enc"]), str(pw), "--key-file", str(files["key"]),
-                 "--new-passphrase-env", "PW"]) == 0
-    monkeypatch.setenv("PW", "wrong")
-    capsys.readouterr()
-    assert main(["dataset", "decrypt", str(pw), "-", "--passphrase-env", "PW"]) == 1
-    assert _err(capsys) == [f"fedpriv dataset: {pw}: wrong passphrase (the key-check value does not match)"]
-
-
-def test_corrupted_truncated_not_a_container_unsupported_version(files, capsys) -> None:
-    blob = files["enc"].read_bytes()
-    cases = {
-        "flip.fpenc": (blob[:-40] + bytes([blob[-40] ^ 1]) + blob[-39:], "corrupted at chunk 0"),
-        "cut.fpenc": (blob[:-100], "truncated"),
-        "plain.fpenc": (b"text,label\nhello,1\n", "not a fedpriv container"),
-        "v9.fpenc": (blob[:8] + (9).to_bytes(2, "big") + blob[10:], "unsupported container version 9"),
-    }
-    for name, (data, needle) in cases.items():
-        path = files["dir"] / name
-        path.write_bytes(data)
-        out = files["dir"] / f"{name}.out"
-        capsys.readouterr()
-        assert main(["dataset", "decrypt", str(path), str(out), "--key-file", str(files["key"])]) == 1
-        err = _err(capsys)
-        assert len(err) == 1 and needle in err[0] and err[0].startswith("fedpriv dataset: "), err
-        assert not out.exists()  # nothing partially decrypted is written
+    assert main(["dataset", "keygen", str(key)]) == 1
+    one_error(capsys, crypto.ERR_KEY_EXISTS.format(file=key))
+    assert key.read_bytes() == before
 
 
 def test_inspect_needs_no_key(files, capsys) -> None:
     capsys.readouterr()
     assert main(["dataset", "inspect", str(files["enc"])]) == 0
-    out = capsys.readouterr().out
-    assert '"inner_name": "notes.csv"' in out and '"cipher": "AES-256-GCM"' in out
+    info = json.loads(capsys.readouterr().out)
+    size = files["plain"].stat().st_size
+    assert info["inner_name"] == "data.csv" and info["cipher"] == "AES-256-GCM" and info["kdf"] == "key-file"
+    assert info["chunk_size"] == 4096 and info["chunk_count"] == -(-size // 4096) and info["plaintext_size"] == size
+    assert info["version"] == crypto.FORMAT_VERSION and info["size_matches_header"] is True
+
+
+def test_rekey_key_to_passphrase_to_key_writes_no_plaintext(files, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("FP_PW", PASSWORD)
+    new_key = files["dir"] / "new.key"
+    assert main(["dataset", "keygen", str(new_key)]) == 0
+    pw = files["dir"] / "pw.fpenc"
+    again = files["dir"] / "again.fpenc"
+    before = set(files["dir"].iterdir())
+    assert main(["dataset", "rekey", str(files["enc"]), str(pw), "--key-file", str(files["key"]),
+                 "--new-passphrase-env", "FP_PW"]) == 0
+    assert main(["dataset", "rekey", str(pw), str(again), "--passphrase-env", "FP_PW",
+                 "--new-key-file", str(new_key)]) == 0
+    assert set(files["dir"].iterdir()) - before == {pw, again}  # no plaintext or temp files
+    data = crypto.decrypt_to_memory(again, key_source=crypto.KeySource.from_key_file(new_key))
+    assert bytes(data) == files["plain"].read_bytes()
+    assert crypto.inspect(again)["chunk_size"] == 4096
+    capsys.readouterr()
+    assert main(["dataset", "decrypt", str(again), "-", "--key-file", str(files["key"])]) == 1
+    one_error(capsys, crypto.ERR_WRONG_KEY.format(file=again))
+
+
+def _damaged(files: dict[str, Path]) -> dict[str, tuple[bytes, str]]:
+    """File name -> (content, expected message) for every container error a decrypt can report."""
+    blob = files["enc"].read_bytes()
+    size = files["plain"].stat().st_size
+    body = len(blob) - crypto.HEADER_SIZE
+    v9 = blob[:8] + (9).to_bytes(2, "big") + blob[10:]
+    cases = {
+        "flip.fpenc": (blob[:200] + bytes([blob[200] ^ 1]) + blob[201:], crypto.ERR_CORRUPT, {"index": 0}),
+        "flip-last.fpenc": (blob[:-1] + bytes([blob[-1] ^ 0x40]), crypto.ERR_CORRUPT,
+                            {"index": -(-size // 4096) - 1}),
+        "cut.fpenc": (blob[:-100], crypto.ERR_TRUNCATED, {"got": body - 100, "expected": body}),
+        "cut-header.fpenc": (blob[:60], crypto.ERR_HEADER_TRUNCATED, {"got": 60}),
+        "extra.fpenc": (blob + b"\n", crypto.ERR_TRAILING, {"extra": 1}),
+        "plain.fpenc": (b"text,label\nhello,1\n", crypto.ERR_NOT_CONTAINER, {}),
+        "empty.fpenc": (b"", crypto.ERR_NOT_CONTAINER, {}),
+        "v9.fpenc": (v9, crypto.ERR_VERSION, {"version": 9, "supported": crypto.FORMAT_VERSION}),
+        "header.fpenc": (blob[:30] + bytes([blob[30] ^ 1]) + blob[31:], crypto.ERR_HEADER_DIGEST, {}),
+    }
+    out = {}
+    for name, (data, template, fields) in cases.items():
+        path = files["dir"] / name
+        path.write_bytes(data)
+        out[name] = (data, template.format(file=path, **fields))
+    return out
+
+
+def test_every_container_error_is_one_line_and_writes_nothing(files, capsys) -> None:
+    for name, (_, message) in _damaged(files).items():
+        path = files["dir"] / name
+        for out in (files["dir"] / f"{name}.out", "-"):
+            capsys.readouterr()
+            assert main(["dataset", "decrypt", str(path), str(out), "--key-file", str(files["key"])]) == 1, name
+            one_error(capsys, message)
+            assert out == "-" or not Path(out).exists()
+
+
+def test_inspect_reports_header_errors_too(files, capsys) -> None:
+    damaged = _damaged(files)
+    for name in ("plain.fpenc", "v9.fpenc", "header.fpenc", "cut-header.fpenc"):
+        capsys.readouterr()
+        assert main(["dataset", "inspect", str(files["dir"] / name)]) == 1
+        one_error(capsys, damaged[name][1])
+
+
+def test_wrong_key_wrong_passphrase_wrong_kind(files, capsys, monkeypatch) -> None:
+    other = files["dir"] / "other.key"
+    assert main(["dataset", "keygen", str(other)]) == 0
+    capsys.readouterr()
+    assert main(["dataset", "decrypt", str(files["enc"]), "-", "--key-file", str(other)]) == 1
+    one_error(capsys, crypto.ERR_WRONG_KEY.format(file=files["enc"]))
+
+    monkeypatch.setenv("FP_PW", PASSWORD)
+    pw = files["dir"] / "pw.fpenc"
+    assert main(["dataset", "encrypt", str(files["plain"]), str(pw), "--passphrase-env", "FP_PW"]) == 0
+    monkeypatch.setenv("FP_PW", "not it")
+    capsys.readouterr()
+    assert main(["dataset", "decrypt", str(pw), str(files["dir"] / "o"), "--passphrase-env", "FP_PW"]) == 1
+    one_error(capsys, crypto.ERR_WRONG_PASSPHRASE.format(file=pw))
+    assert main(["dataset", "decrypt", str(pw), "-", "--key-file", str(files["key"])]) == 1
+    one_error(capsys, crypto.ERR_KDF_MISMATCH.format(file=pw, need="passphrase", got="key file"))
+    assert main(["dataset", "decrypt", str(files["enc"]), "-", "--passphrase-env", "FP_PW"]) == 1
+    one_error(capsys, crypto.ERR_KDF_MISMATCH.format(file=files["enc"], need="key file", got="passphrase"))
+    assert not (files["dir"] / "o").exists()
+
+
+def test_key_source_errors(files, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("FP_UNSET", raising=False)
+    bad_key = files["dir"] / "bad.key"
+    bad_key.write_text("not a key\n")
+    missing = files["dir"] / "missing.key"
+    enc, plain, out = str(files["enc"]), str(files["plain"]), str(files["dir"] / "out")
+    cases = [
+        (["decrypt", enc, out, "--key-file", str(bad_key)],
+         crypto.ERR_KEY_FILE.format(file=bad_key, label=crypto.KEY_FILE_LABEL)),
+        (["decrypt", enc, out, "--key-file", str(missing)],
+         crypto.ERR_KEY_FILE_UNREADABLE.format(file=missing, reason="No such file or directory")),
+        (["decrypt", enc, out, "--passphrase-env", "FP_UNSET"], crypto.ERR_PASSPHRASE_ENV.format(var="FP_UNSET")),
+        (["encrypt", plain, out, "--passphrase-env", "FP_UNSET"], crypto.ERR_PASSPHRASE_ENV.format(var="FP_UNSET")),
+        (["rekey", enc, out, "--key-file", str(files["key"]), "--new-passphrase-env", "FP_UNSET"],
+         crypto.ERR_PASSPHRASE_ENV.format(var="FP_UNSET")),
+        (["rekey", enc, out, "--key-file", str(files["key"]), "--new-key-file", str(bad_key)],
+         crypto.ERR_KEY_FILE.format(file=bad_key, label=crypto.KEY_FILE_LABEL)),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert main(["dataset", *argv]) == 1, argv
+        one_error(capsys, message)
+        assert not Path(out).exists()
+
+
+def test_encrypt_errors(files, capsys) -> None:
+    key = str(files["key"])
+    missing = files["dir"] / "missing.csv"
+    out = files["dir"] / "out.fpenc"
+    cases = [
+        (["encrypt", str(files["enc"]), str(out), "--key-file", key],
+         cmd_dataset.ERR_ALREADY_CONTAINER.format(file=files["enc"])),
+        (["encrypt", str(missing), str(out), "--key-file", key], cmd_dataset.ERR_NO_SUCH_FILE.format(file=missing)),
+        (["encrypt", "/dev/null", str(out), "--key-file", key], crypto.ERR_NOT_REGULAR.format(file="/dev/null")),
+        (["decrypt", str(missing), str(out), "--key-file", key], cmd_dataset.ERR_NO_SUCH_FILE.format(file=missing)),
+        (["inspect", str(missing)], cmd_dataset.ERR_NO_SUCH_FILE.format(file=missing)),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert main(["dataset", *argv]) == 1, argv
+        one_error(capsys, message)
+        assert not out.exists()
+
+
+def test_usage_errors_exit_2(files, capsys) -> None:
+    enc, key = str(files["enc"]), str(files["key"])
+    for argv in (["decrypt", enc, "-"],  # no key given
+                 ["decrypt", enc, "-", "--key-file", key, "--passphrase-env", "X"],  # two keys
+                 ["rekey", enc, "out", "--key-file", key],  # no new key
+                 ["encrypt", enc, "out", "--key-file", key, "--chunk-size", "0"]):
+        with pytest.raises(SystemExit) as info:
+            main(["dataset", *argv])
+        assert info.value.code == 2
+    assert main(["dataset"]) == 2
+
+
+def test_no_secret_is_ever_printed(files, capsysbinary, monkeypatch) -> None:
+    monkeypatch.setenv("FP_PW", PASSWORD)
+    key_text = files["key"].read_text().split()[1]
+    capsysbinary.readouterr()
+    runs = [["keygen", str(files["dir"] / "k2")],
+            ["encrypt", str(files["plain"]), str(files["dir"] / "p.fpenc"), "--passphrase-env", "FP_PW"],
+            ["rekey", str(files["enc"]), str(files["dir"] / "r.fpenc"), "--key-file", str(files["key"]),
+             "--new-passphrase-env", "FP_PW"],
+            ["decrypt", str(files["dir"] / "p.fpenc"), str(files["dir"] / "x"), "--key-file", str(files["key"])],
+            ["inspect", str(files["enc"])]]
+    text = b""
+    for argv in runs:
+        main(["dataset", *argv])
+        captured = capsysbinary.readouterr()
+        text += captured.out + captured.err
+    new_key_text = (files["dir"] / "k2").read_text().split()[1]
+    for secret in (key_text, new_key_text, PASSWORD, crypto.read_key_file(files["key"]).hex()):
+        assert secret.encode() not in text
+
+
+def test_console_script_in_a_subprocess(tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("fedpriv")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "fedpriv"]
+    env = {**os.environ, "FP_PW": PASSWORD}
+    plain = tmp_path / "rows.jsonl"
+    plain.write_bytes(b'{"text": "a", "label": 1}\n' * 100)
+
+    def run(*argv: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([*cmd, "dataset", *argv], capture_output=True, env=env, timeout=60, check=False)
+
+    assert run("keygen", str(tmp_path / "k")).returncode == 0
+    assert run("encrypt", str(plain), str(tmp_path / "e"), "--key-file", str(tmp_path / "k")).returncode == 0
+    done = run("decrypt", str(tmp_path / "e"), "-", "--key-file", str(tmp_path / "k"))
+    assert (done.returncode, done.stdout) == (0, plain.read_bytes())
+    done = run("decrypt", str(tmp_path / "e"), "-", "--passphrase-env", "FP_PW")
+    assert done.returncode == 1 and done.stdout == b""
+    message = crypto.ERR_KDF_MISMATCH.format(file=tmp_path / "e", need="key file", got="passphrase")
+    assert done.stderr.decode().splitlines() == [cmd_dataset.PREFIX + message]

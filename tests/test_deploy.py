@@ -32,9 +32,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_port(port: int, timeout: float = 240) -> None:
+def wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    """Wait until ``proc`` listens on ``port``; fail at once, with its log, if it exits first."""
     end = time.time() + timeout
     while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening on "
+                               f"127.0.0.1:{port}:\n{log.read_text(errors='replace')[-4000:]}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -94,7 +98,10 @@ def test_tls_authenticated_federation_with_failures_and_resume(tmp_path: Path) -
     home.mkdir()
     env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0",
-               PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", FLWR_LOG_LEVEL="INFO")
+               PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", FLWR_LOG_LEVEL="INFO",
+               # flower-superlink starts flower-superexec by name: the venv's bin must be on PATH even when
+               # pytest runs as .venv/bin/python without an activated venv (as `make test` and CI do).
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     certs = tmp_path / "certs"
     init_ca_and_server(certs, server_hosts=["localhost", "127.0.0.1"])
     names = ["n0", "n1", "n2", "badkey", "unregistered"]
@@ -132,8 +139,8 @@ def test_tls_authenticated_federation_with_failures_and_resume(tmp_path: Path) -
                   f'out="{run_dir}" min-nodes=2 noise-seed=0 train-part="head" local-epochs=1 '
                   f'round-timeout=600.0 accountant="rdp"')
     try:
-        procs.start("superlink", superlink_cmd)
-        wait_port(port)
+        link = procs.start("superlink", superlink_cmd)
+        wait_port(port, link, tmp_path / "superlink.log")
         for n in names[:4]:
             r = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(certs / f"{n}.pub"), "fedtest"],
                                env=env, capture_output=True, text=True, timeout=120)
@@ -164,8 +171,8 @@ def test_tls_authenticated_federation_with_failures_and_resume(tmp_path: Path) -
         # ---- the coordinator's SuperLink dies after round 1; it is restarted and the run started again.
         procs.stop("superlink", signal.SIGKILL)
         done_before = len(_rows(run_dir))
-        procs.start("superlink2", superlink_cmd)
-        wait_port(port)
+        link = procs.start("superlink2", superlink_cmd)
+        wait_port(port, link, tmp_path / "superlink2.log")
         if done_before < ROUNDS:
             flwr_run()
         end = time.time() + 900
