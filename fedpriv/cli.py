@@ -13,9 +13,11 @@ import sys
 
 COMMAND_MODULES = (
     "fedpriv.cmd_simulate",
+    "fedpriv.cmd_tune",
     "fedpriv.cmd_dataset",
     "fedpriv.cmd_ledger",
     "fedpriv.cmd_audit",
+    "fedpriv.cmd_audit_empirical",
     "fedpriv.cmd_fairness",
     "fedpriv.cmd_certs",
     "fedpriv.cmd_status",
@@ -42,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # "fedpriv audit RUN_DIR" takes a positional run directory, so "fedpriv audit empirical ..." cannot be an
+    # argparse sub-command of it: route it to the command registered as "audit-empirical".
+    if argv[:2] == ["audit", "empirical"]:
+        argv = ["audit-empirical", *argv[2:]]
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
