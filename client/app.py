@@ -1,7 +1,7 @@
 """The fedpriv ClientApp (Flower Message API): ``train`` and ``evaluate`` handlers.
 
 Train reply: ``arrays`` (trainable tensors only), ``metrics`` (``num-examples`` = training examples, loss,
-accuracy, bytes, ε), ``info`` (node name, status, the ledger entry as JSON). A node that refuses (budget,
+accuracy, bytes, ε, and with run-config ``clean`` the ``clean-*`` counts), ``info`` (node name, status, the ledger entry as JSON). A node that refuses (budget,
 δ too large) replies with ``num-examples = 0``, no arrays, and the reason in ``info``; a node whose data cannot
 be opened replies with a Flower error. Evaluate replies carry metrics and per-group confusion counts only,
 never the model.
@@ -93,7 +93,7 @@ def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -
             info.update(status="refused", reason=refusal, epsilon=privacy.accountant.epsilon(),
                         budget=privacy.budget)
             return Message(RecordDict({
-                "metrics": MetricRecord({"num-examples": 0}),
+                "metrics": MetricRecord({"num-examples": 0, **data.cleaning}),
                 "info": ConfigRecord({"json": json.dumps(info)}),
             }), reply_to=msg)
 
@@ -125,6 +125,7 @@ def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -
         "train-loss": float(result.loss),
         "train-accuracy": float(result.accuracy),
         "train-seconds": float(result.seconds),
+        **data.cleaning,  # run-config ``clean``: counts per rule (numbers only, never text)
     }
     if plan is not None and privacy is not None:
         entry = privacy.commit(plan, run=run, server_round=server_round, noise_seed=noise_seed)

@@ -12,14 +12,14 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from common.config import NodeConfig, RunConfig
-from common.data import Encoded, Schema, TextDataset, encode, load_dataset, train_val_split
+from common.data import Encoded, Schema, TextDataset, encode, kfold_split, load_dataset, train_val_split
 
 log = logging.getLogger("fedpriv.client")
 
@@ -38,6 +38,7 @@ class NodeData:
     val: Encoded
     fingerprint: str
     n_total: int
+    cleaning: dict[str, int] = field(default_factory=dict)  # run-config ``clean`` counts as train metrics
 
 
 _DATA_CACHE: dict[tuple, NodeData] = {}
@@ -86,7 +87,8 @@ def load_node_data(node: NodeConfig, cfg: RunConfig, *, model_source: str) -> No
     path = Path(node.data_path).expanduser()
     stat = path.stat() if path.exists() else None
     key = (str(path), stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0, cfg.text_col, cfg.label_col,
-           cfg.group_col, cfg.labels, cfg.val_fraction, cfg.seed, cfg.max_length, model_source)
+           cfg.group_col, cfg.labels, cfg.val_fraction, cfg.seed, cfg.max_length, model_source, cfg.clean,
+           cfg.cv_folds, cfg.cv_fold)
     if key in _DATA_CACHE:
         return _DATA_CACHE[key]
     ds: TextDataset = load_dataset(
@@ -98,16 +100,30 @@ def load_node_data(node: NodeConfig, cfg: RunConfig, *, model_source: str) -> No
     )
     from common.data import dataset_fingerprint
 
+    # The fingerprint (which keys the node's accountant) is of the data as read, before cleaning: turning
+    # cleaning on or off must not start a fresh privacy budget for the same records.
     fp = dataset_fingerprint(ds)
+    cleaning: dict[str, int] = {}
+    if cfg.clean:
+        from common.cleaning import CleaningConfig, clean_dataset, counts_to_metrics
+
+        ds, counts = clean_dataset(ds, config=CleaningConfig.from_spec(cfg.clean))
+        cleaning = counts_to_metrics(counts)
+        log.info("node data %s cleaned (%s): %d -> %d rows", path.name, cfg.clean, counts["rows_in"],
+                 counts["rows_out"])
     # The split depends on the run seed and the data itself, so it is stable across rounds and processes.
     split_seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}:{fp}".encode()).digest()[:4], "little")
-    tr, va = train_val_split(len(ds), val_fraction=cfg.val_fraction, seed=split_seed)
+    if cfg.cv_folds >= 2:  # cross-validation: fold cv-fold of a seeded K-way partition is the validation set
+        tr, va = kfold_split(len(ds), folds=cfg.cv_folds, fold=cfg.cv_fold, seed=split_seed)
+    else:
+        tr, va = train_val_split(len(ds), val_fraction=cfg.val_fraction, seed=split_seed)
     tok = tokenizer_for(model_source)
     data = NodeData(
         train=encode(ds.subset(tr), tok, max_length=cfg.max_length),
         val=encode(ds.subset(va), tok, max_length=cfg.max_length),
         fingerprint=fp,
         n_total=len(ds),
+        cleaning=cleaning,
     )
     _DATA_CACHE.clear()  # one dataset per node process
     _DATA_CACHE[key] = data

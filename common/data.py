@@ -382,6 +382,23 @@ def train_val_split(n: int, *, val_fraction: float, seed: int) -> tuple[np.ndarr
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+def kfold_split(n: int, *, folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices of fold ``fold`` of a seeded ``folds``-way partition of ``range(n)``.
+
+    The validation sets of folds 0..K-1 are disjoint and together cover every index exactly once; fold sizes
+    differ by at most one. Needs ``2 <= folds <= n`` and ``0 <= fold < folds``.
+    """
+    if folds < 2 or folds > n:
+        raise ValueError(f"cross-validation needs 2 <= folds <= examples; got folds={folds}, examples={n}")
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold must be in 0..{folds - 1}; got {fold}")
+    perm = np.random.default_rng(seed).permutation(n)
+    parts = np.array_split(perm, folds)
+    val = np.sort(parts[fold])
+    train = np.sort(np.concatenate([p for i, p in enumerate(parts) if i != fold]))
+    return train, val
+
+
 # --------------------------------------------------------------------------------------------- tokenization
 
 

@@ -16,14 +16,7 @@ def register(sub) -> None:
         description="Split a dataset (default: built-in synthetic demo data) across N simulated institutions "
         "and fine-tune a BERT classifier together with FedAvg and per-node DP-SGD.",
     )
-    d = p.add_argument_group("data")
-    d.add_argument("--data", help="dataset file (CSV/TSV/JSONL/Parquet) to split across nodes; default: demo data")
-    d.add_argument("--eval-data", help="server-held evaluation file, evaluated centrally every round")
-    d.add_argument("--text-col", help="text column name (default text)")
-    d.add_argument("--label-col", help="label column name (default label)")
-    d.add_argument("--group-col", help="group column for fairness metrics (demo data: group)")
-    d.add_argument("--synthetic-size", type=int, default=8000, help="examples of demo data (default 8000)")
-    d.add_argument("--synthetic-skew", type=float, default=0.4, help="group label skew of the demo data")
+    add_data_arguments(p)
     f = p.add_argument_group("federation")
     f.add_argument("--nodes", type=int, default=4, help="simulated institutions (default 4)")
     f.add_argument("--rounds", type=int, help="server rounds (default 3)")
@@ -32,6 +25,9 @@ def register(sub) -> None:
     f.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
     f.add_argument("--out", help="run directory (default runs/sim-<time>); an existing one is resumed")
     f.add_argument("--fresh", action="store_true", help="delete an existing --out first instead of resuming")
+    f.add_argument("--folds", type=int, default=0, metavar="K",
+                   help="K-fold cross-validation: K federations, fold k of every node's data held out in "
+                   "OUT/fold-k; mean and spread in OUT/cv.json (with DP the folds share each node's budget)")
     m = p.add_argument_group("model and training")
     m.add_argument("--model", help="minilm (default, offline), tiny, or a local Hugging Face directory")
     m.add_argument("--train-part", choices=("full", "head", "lora"), help="what trains (default head)")
@@ -41,6 +37,41 @@ def register(sub) -> None:
     m.add_argument("--lr", type=float, dest="learning_rate", help="AdamW learning rate (default: by train part)")
     m.add_argument("--max-length", type=int, help="tokens per example (default 64)")
     m.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    sel = p.add_argument_group("model selection and early stopping")
+    sel.add_argument("--patience", type=int,
+                     help="stop after this many rounds without improvement of --stop-metric (default 0: never); "
+                     "keeps best/")
+    sel.add_argument("--min-delta", type=float, help="an improvement must exceed this (default 0)")
+    sel.add_argument("--stop-metric", help="auto (eval_accuracy with --eval-data, else accuracy), or any metric "
+                     "key such as macro_f1, eval_macro_f1, loss (keys ending in loss are minimised)")
+    sel.add_argument("--keep-best", action="store_true", default=None,
+                     help="keep best/ (the best round by --stop-metric) beside model/ even without early stopping")
+    add_privacy_arguments(p)
+    p.add_argument("--run-config", "--run-config-file", default="", metavar='"k=v ..." | FILE.toml',
+                   help="more run config keys (see README), or a TOML file of them (as `fedpriv tune` writes)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--verbose", action="store_true", help="log what every component does (INFO)")
+    p.set_defaults(func=run)
+
+
+def add_data_arguments(p) -> None:
+    """The data flags (``fedpriv simulate`` and ``fedpriv tune``)."""
+    d = p.add_argument_group("data")
+    d.add_argument("--data", help="dataset file (CSV/TSV/JSONL/Parquet) to split across nodes; default: demo data")
+    d.add_argument("--eval-data", help="server-held evaluation file, evaluated centrally every round")
+    d.add_argument("--text-col", help="text column name (default text)")
+    d.add_argument("--label-col", help="label column name (default label)")
+    d.add_argument("--group-col", help="group column for fairness metrics (demo data: group)")
+    d.add_argument("--synthetic-size", type=int, default=8000, help="examples of demo data (default 8000)")
+    d.add_argument("--synthetic-skew", type=float, default=0.4, help="group label skew of the demo data")
+    d.add_argument("--clean", metavar="RULES",
+                   help="text cleaning on every node (and on --eval-data) before its split: comma list of "
+                   "unicode, whitespace, urls, emails, handles, dedup, or all (default: none); "
+                   "counts go to RUN_DIR/cleaning.json")
+
+
+def add_privacy_arguments(p) -> None:
+    """The simulated nodes' privacy flags (``fedpriv simulate`` and ``fedpriv tune``)."""
     pr = p.add_argument_group("privacy")
     pr.add_argument("--no-dp", action="store_true", help="train without DP-SGD (no privacy guarantee)")
     pr.add_argument("--epsilon", type=float, default=8.0, help="every simulated node's ε budget (default 8)")
@@ -48,18 +79,39 @@ def register(sub) -> None:
     pr.add_argument("--encrypt", action="store_true", help="encrypt each node's partition (one key per node)")
     pr.add_argument("--count-noise-epsilon", type=float, default=0.0,
                     help="nodes noise their evaluation counts with this ε per round (0 = exact counts)")
-    p.add_argument("--run-config", default="", metavar='"k=v ..." | FILE.toml',
-                   help="more run config keys (see README), or a TOML file of them")
-    p.add_argument("--quiet", action="store_true", help="no progress display")
-    p.add_argument("--verbose", action="store_true", help="log what every component does (INFO)")
-    p.set_defaults(func=run)
+
+
+def sim_options(args: argparse.Namespace):
+    """:class:`simulations.runner.SimOptions` from the data, federation and privacy flags."""
+    from simulations.runner import SimOptions
+
+    return SimOptions(nodes=args.nodes, data=args.data or "", synthetic_size=args.synthetic_size,
+                      synthetic_skew=args.synthetic_skew, partition=args.partition, alpha=args.alpha,
+                      epsilon=args.epsilon, delta=args.delta, encrypt=args.encrypt,
+                      count_noise_epsilon=args.count_noise_epsilon)
+
+
+def setup_logging(*, verbose: bool) -> None:
+    """fedpriv's own log lines to stderr (WARNING, or INFO with --verbose); quiet Flower and transformers."""
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    fp_log = logging.getLogger("fedpriv")
+    fp_log.addHandler(handler)
+    fp_log.setLevel(logging.INFO if verbose else logging.WARNING)
+    fp_log.propagate = False
+    os.environ.setdefault("FLWR_LOG_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 FLAG_KEYS = {
     "eval_data": "eval-data", "text_col": "text-col", "label_col": "label-col", "group_col": "group-col",
     "rounds": "num-server-rounds", "seed": "seed", "out": "out", "model": "model", "train_part": "train-part",
     "top_k_layers": "top-k-layers", "local_epochs": "local-epochs", "batch_size": "batch-size",
-    "learning_rate": "learning-rate", "max_length": "max-length", "device": "device",
+    "learning_rate": "learning-rate", "max_length": "max-length", "device": "device", "clean": "clean",
+    "patience": "early-stopping-patience", "min_delta": "early-stopping-min-delta",
+    "stop_metric": "early-stopping-metric", "keep_best": "keep-best",
 }
 
 
@@ -70,6 +122,8 @@ def load_run_config_arg(text: str) -> dict[str, object]:
     if not text:
         return {}
     path = Path(text)
+    if text.endswith(".toml") and "=" not in text and not path.is_file():
+        raise FileNotFoundError(f"run config file {text} does not exist")
     if text.endswith(".toml") and path.is_file():
         import tomllib
 
@@ -119,12 +173,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _simulate(cfg, args: argparse.Namespace) -> int:
-    import logging
     import shutil
 
     from rich.console import Console
 
-    from simulations.runner import SimOptions, apply_env, prepare_nodes
+    from simulations.runner import apply_env, prepare_nodes
     from simulations.runner import run as run_sim
 
     apply_env()
@@ -132,30 +185,71 @@ def _simulate(cfg, args: argparse.Namespace) -> int:
     out = Path(cfg.out)
     if args.fresh and out.exists():
         shutil.rmtree(out)
-    opts = SimOptions(nodes=args.nodes, data=args.data or "", synthetic_size=args.synthetic_size,
-                      synthetic_skew=args.synthetic_skew, partition=args.partition, alpha=args.alpha,
-                      epsilon=args.epsilon, delta=args.delta, encrypt=args.encrypt,
-                      count_noise_epsilon=args.count_noise_epsilon)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    fp_log = logging.getLogger("fedpriv")
-    fp_log.addHandler(handler)
-    fp_log.setLevel(logging.INFO if args.verbose else logging.WARNING)
-    fp_log.propagate = False
-    os.environ.setdefault("FLWR_LOG_LEVEL", "INFO" if args.verbose else "WARNING")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    opts = sim_options(args)
+    setup_logging(verbose=args.verbose)
     with console.status("preparing node data..."):
         cfg, nodes_dir = prepare_nodes(cfg, opts, out)
     console.print(f"[bold]fedpriv simulate[/]: {opts.nodes} nodes, {cfg.num_server_rounds} rounds, model "
                   f"{cfg.model} ({cfg.train_part}), DP {'on, ε=' + str(opts.epsilon) if cfg.dp else 'off'}, "
                   f"data {opts.data or 'synthetic demo'} -> {out}")
-    display = RoundDisplay(console, cfg, quiet=args.quiet)
     start = time.perf_counter()
+    if args.folds:
+        return _cross_validate(cfg, args, opts, nodes_dir, console, start)
+    display = RoundDisplay(console, cfg, quiet=args.quiet)
     run_sim(cfg, nodes_dir=nodes_dir, num_nodes=opts.nodes, progress=display)
     display.finish()
+    stopped = _stop_reason(out / "metrics.jsonl")
+    if stopped:
+        console.print(f"[yellow]{stopped}[/]")
+    best = " best/," if (out / "best").is_dir() else ""
     console.print(f"done in {time.perf_counter() - start:.0f}s. Outputs in [bold]{out}[/]: metrics.jsonl, "
-                  f"model/, report.md, report.html, ledgers/")
+                  f"model/,{best} report.md, report.html, ledgers/")
     return 0
+
+
+def _cross_validate(cfg, args: argparse.Namespace, opts, nodes_dir: Path, console, start: float) -> int:
+    """Run one federation per fold on the same node folders, then summarise mean and spread across folds."""
+    from rich.table import Table
+
+    from simulations.crossval import fold_configs, summarize, write_summary
+    from simulations.runner import run as run_sim
+
+    out = Path(cfg.out)
+    configs = fold_configs(cfg, folds=args.folds, budget=opts.epsilon, out=out)
+    for k, fold_cfg in enumerate(configs):
+        console.print(f"[bold]fold {k + 1}/{args.folds}[/] -> {fold_cfg.out}"
+                      + (f" (nodes stay within ε {fold_cfg.epsilon:.3g} in total)" if fold_cfg.dp else ""))
+        display = RoundDisplay(console, fold_cfg, quiet=args.quiet)
+        run_sim(fold_cfg, nodes_dir=nodes_dir, num_nodes=opts.nodes, progress=display)
+        display.finish()
+    summary = summarize(out, args.folds)
+    path = write_summary(out, summary)
+    table = Table(title=f"{args.folds}-fold cross-validation (last round of each fold)")
+    for col in ("metric", "mean", "std", "min", "max"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for key, st in summary["metrics"].items():
+        table.add_row(key, *(f"{st[c]:.4f}" for c in ("mean", "std", "min", "max")))
+    console.print(table)
+    if summary["epsilon_total"]:
+        console.print("ε spent over all folds: " + ", ".join(
+            f"{n} {e:.3f}" for n, e in sorted(summary["epsilon_total"].items())))
+    console.print(f"done in {time.perf_counter() - start:.0f}s. Outputs in [bold]{out}[/]: {path.name}, "
+                  f"fold-0/ .. fold-{args.folds - 1}/ (each a run directory), nodes/")
+    return 0
+
+
+def _stop_reason(metrics: Path) -> str:
+    """Why the run stopped early, from metrics.jsonl ("" when it ran every round)."""
+    import json
+
+    if not metrics.exists():
+        return ""
+    for line in metrics.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if row.get("stopped"):
+                return str(row["stopped"])
+    return ""
 
 
 class RoundDisplay:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from common.cleaning import CleaningConfig, clean_dataset, split_cleaning_metrics
 from common.config import ConfigError, RunConfig
 from server.aggregate import Update, aggregate, update_norm, validate_update
 from server.rundir import RunDir, new_run_id
@@ -84,6 +85,9 @@ class CentralEval:
 
         ds = load_dataset(cfg.eval_data, schema=Schema(cfg.text_col, cfg.label_col, cfg.group_col),
                           labels=cfg.label_names)
+        self.cleaning: dict[str, Any] | None = None  # run-config ``clean``: cleaned like the nodes' data
+        if cfg.clean:
+            ds, self.cleaning = clean_dataset(ds, config=CleaningConfig.from_spec(cfg.clean))
         self.enc = encode(ds, load_tokenizer(model_source), max_length=cfg.max_length)
         self.groups = ds.groups if ds.groups is not None else ["all"] * len(ds)
 
@@ -168,17 +172,31 @@ def run_federation(grid, cfg: RunConfig, *, progress: Progress | None = None,
         start_round = 1
         if rundir.metrics_path.exists():
             rundir.metrics_path.unlink()
+        rundir.cleaning_path.unlink(missing_ok=True)
         log.info("run=%s starting in %s", run_id, rundir.path)
     rundir.write_config(cfg.to_mapping(), run_id=run_id)
     load_trainable(model, arrays)
     held_out = CentralEval(cfg, cfg.model) if cfg.eval_data else None
+    if held_out is not None and held_out.cleaning is not None:
+        rundir.record_cleaning(held_out.cleaning, node=None)
     rows = rundir.read_metrics()
-    stopped = ""
+    from server.selection import Selection, resolve_metric
+
+    select_metric = resolve_metric(cfg.early_stopping_metric, has_eval_data=bool(cfg.eval_data))
+    keep_best = cfg.keep_best or cfg.early_stopping_patience > 0
+    selection = Selection.from_state(resumed[0].get("selection") if resumed is not None else None,
+                                     metric=select_metric, patience=cfg.early_stopping_patience,
+                                     min_delta=cfg.early_stopping_min_delta)
+    stopped = selection.stopped
+    if stopped:
+        log.info("run=%s already stopped: %s", run_id, stopped)
     central = None
     central_state = resumed[0].get("central_dp") if resumed is not None else None
     last_done = start_round - 1
 
     for rnd in range(start_round, cfg.num_server_rounds + 1):
+        if stopped:
+            break
         t0 = time.perf_counter()
         emit("round_start", {"round": rnd})
         node_ids = _wait_for_nodes(grid, cfg.min_nodes, wait_timeout)
@@ -204,6 +222,10 @@ def run_federation(grid, cfg: RunConfig, *, progress: Progress | None = None,
             info = _info(reply)
             name = str(info.get("node", f"node-{src}"))
             m = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
+            # Cleaning counts are the same every round: kept once per node in cleaning.json, not per round.
+            m, cleaning = split_cleaning_metrics(m)
+            if cleaning is not None:
+                rundir.record_cleaning(cleaning, node=name)
             node_row: dict[str, Any] = {"status": info.get("status", "ok"), **{k2: m[k2] for k2 in m}}
             entry = info.get("ledger_entry")
             if entry:
@@ -313,6 +335,15 @@ def run_federation(grid, cfg: RunConfig, *, progress: Progress | None = None,
                 best_state = {"round": rnd, "metric": metric}
                 rundir.save_checkpoint(round_=rnd, run_id=run_id, arrays=arrays, name="best_fair_checkpoint")
         extra["best"] = best_state
+        improved, stop = selection.update(rnd, row)
+        if improved and keep_best:
+            rundir.save_checkpoint(round_=rnd, run_id=run_id, arrays=arrays, name="best_checkpoint")
+        row["selection"] = {"metric": selection.metric, "best_round": selection.best_round,
+                            "best_value": selection.best_value, "rounds_without_improvement": selection.bad_rounds}
+        if stop:
+            stopped = row["stopped"] = selection.stopped
+            log.info("run=%s %s", run_id, stopped)
+        extra["selection"] = selection.state_dict()
         if central is not None:
             extra["central_dp"] = {"population": central.population_size, "accountant": central.state_dict()}
         rundir.append_metrics(row)
@@ -325,6 +356,15 @@ def run_federation(grid, cfg: RunConfig, *, progress: Progress | None = None,
 
     # ---- final model and report
     save_pretrained(model, load_tokenizer(cfg.model), rundir.model_dir)
+    if keep_best and selection.best_round:
+        best = rundir.load_named_checkpoint("best_checkpoint")
+        if best is not None:
+            best_model = build_model(spec)
+            load_trainable(best_model, best[1])
+            best_dir = save_pretrained(best_model, load_tokenizer(cfg.model), rundir.path / "best")
+            (best_dir / "fedpriv-selection.json").write_text(json.dumps(
+                {"round": selection.best_round, "metric": selection.metric, "value": selection.best_value,
+                 "stopped": stopped}, indent=2) + "\n")
     if cfg.keep_best_fair and best_state:
         best = rundir.load_named_checkpoint("best_fair_checkpoint")
         if best is not None:

@@ -63,11 +63,24 @@ def write_report(rundir: RunDir, cfg: RunConfig) -> tuple[Path, Path]:
            f"- Rounds completed: {len(rows)} of {cfg.num_server_rounds}; aggregation `{cfg.aggregation}`",
            f"- Differential privacy: {'DP-SGD, accountant ' + cfg.accountant + f', clipping norm {cfg.clipping_norm}' if cfg.dp else 'off'}",
            f"- Last round: accuracy {_fmt(last.get('accuracy'))}, macro-F1 {_fmt(last.get('macro_f1'))}"
-           + (f", eval accuracy {_fmt(last.get('eval_accuracy'))}" if "eval_accuracy" in last else ""), ""]
+           + (f", eval accuracy {_fmt(last.get('eval_accuracy'))}" if "eval_accuracy" in last else "")]
+    stop = next((r["stopped"] for r in rows if r.get("stopped")), "")
+    if stop:
+        md += [f"- Stopped early: {stop}"]
+    sel = last.get("selection") or {}
+    if sel.get("best_round") and (cfg.keep_best or cfg.early_stopping_patience):
+        md += [f"- Best round by `{sel['metric']}`: {sel['best_round']} ({_fmt(sel.get('best_value'))}), kept in "
+               "`best/` beside the final `model/`"]
+    md += [""]
+    for prefix, title in (("", "federated validation"), ("eval_", "server-held evaluation set")):
+        md += _classification_md(last.get(f"{prefix}classification"), title)
     if last.get("epsilon"):
         md += ["## Privacy", "", "| node | ε spent |", "|---|---|"]
         md += [f"| {n} | {_fmt(e)} |" for n, e in sorted(last["epsilon"].items())]
         md += [""]
+    cleaning = rundir.read_cleaning()
+    if cleaning:
+        md += _cleaning_md(cleaning, spec=cfg.clean)
     fair = last.get("fairness")
     if fair:
         md += ["## Fairness (last round, federated validation)", ""]
@@ -87,6 +100,30 @@ def write_report(rundir: RunDir, cfg: RunConfig) -> tuple[Path, Path]:
     html_path = rundir.path / "report.html"
     atomic_write_text(html_path, markdown_to_html(md_text, title=f"fedpriv report {rundir.path.name}"))
     return md_path, html_path
+
+
+def _cleaning_md(cleaning: dict[str, Any], *, spec: str) -> list[str]:
+    """cleaning.json as a table: rows in/out per dataset and, per rule, rows changed / rows removed."""
+    from common.cleaning import RULES
+
+    datasets = sorted((cleaning.get("nodes") or {}).items())
+    if "eval_data" in cleaning:
+        datasets.append(("eval-data (server)", cleaning["eval_data"]))
+    rules = [r for r in RULES if any(r in c for _, c in datasets)]
+    out = ["## Data cleaning", "", f"Rules `{spec}`; per rule: rows changed / rows removed "
+           "(dedup also: texts kept with conflicting labels).", "",
+           "| dataset | rows in | rows out | " + " | ".join(rules) + " |", "|---" * (3 + len(rules)) + "|"]
+    for name, c in datasets:
+        cells = []
+        for r in rules:
+            rc = c.get(r) or {}
+            cell = f"{rc.get('changed', 0)} / {rc.get('removed', 0)}"
+            if "conflicting_labels" in rc:
+                cell += f" (conflicting {rc['conflicting_labels']})"
+            cells.append(cell)
+        out.append(f"| {name} | {c.get('rows_in')} | {c.get('rows_out')} | " + " | ".join(cells) + " |")
+    out.append("")
+    return out
 
 
 def _value(v: Any) -> Any:
@@ -110,3 +147,23 @@ def _fairness_md(fair: dict[str, Any]) -> list[str]:
     if not groups and not gaps:
         out += ["```", json.dumps(fair, indent=1)[:4000], "```", ""]
     return out
+
+
+def _classification_md(cls: dict | None, title: str) -> list[str]:
+    """Per-class precision/recall/F1, the averages and the confusion matrix of one round, as Markdown."""
+    if not cls or not cls.get("per_class"):
+        return []
+    names = list(cls["per_class"])
+    md = [f"## Classification, last round ({title})", "", "| class | precision | recall | F1 | support |",
+          "|---|---|---|---|---|"]
+    md += [f"| {n} | {_fmt(v['precision'])} | {_fmt(v['recall'])} | {_fmt(v['f1'])} | {v['support']} |"
+           for n, v in cls["per_class"].items()]
+    md += [f"| macro avg | {_fmt(cls['macro_precision'])} | {_fmt(cls['macro_recall'])} | {_fmt(cls['macro_f1'])} "
+           f"| {cls['num_examples']} |",
+           f"| micro avg | {_fmt(cls['micro_precision'])} | {_fmt(cls['micro_recall'])} | {_fmt(cls['micro_f1'])} "
+           f"| {cls['num_examples']} |", ""]
+    md += ["Confusion matrix (rows: true class, columns: predicted):", "",
+           "| true \\ predicted | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    md += [f"| {n} | " + " | ".join(str(int(x)) for x in row) + " |"
+           for n, row in zip(names, cls["confusion_matrix"], strict=False)]
+    return md + [""]

@@ -8,6 +8,7 @@ Layout::
       checkpoint/state.json  the commit point: round, run id, arrays file, strategy/accountant state
       checkpoint/arrays-rNNNN.npz
       ledgers/<node>.jsonl   server copies of the node ledgers, ledgers/<node>.pub their public keys
+      cleaning.json          with run-config ``clean``: what cleaning changed, per node and for eval-data
       model/                 final model (save_pretrained + tokenizer)
       report.md, report.html, plots/*.png
 
@@ -59,6 +60,10 @@ class RunDir:
     @property
     def model_dir(self) -> Path:
         return self.path / "model"
+
+    @property
+    def cleaning_path(self) -> Path:
+        return self.path / "cleaning.json"
 
     # ------------------------------------------------------------------------------------ config
     def write_config(self, mapping: dict[str, Any], *, run_id: str) -> None:
@@ -150,6 +155,33 @@ class RunDir:
             pub = self.ledgers_dir / f"{safe}.pub"
             if not pub.exists():
                 atomic_write_text(pub, public_key_pem)
+
+    # ------------------------------------------------------------------------------------ cleaning
+    def read_cleaning(self) -> dict[str, Any]:
+        """``{"nodes": {node: counts}, "eval_data": counts}`` (keys present once recorded), or ``{}``."""
+        if not self.cleaning_path.exists():
+            return {}
+        return json.loads(self.cleaning_path.read_text())
+
+    def record_cleaning(self, counts: dict[str, Any], *, node: str | None) -> bool:
+        """Keep the first cleaning counts of ``node`` (``None``: the server-held eval-data) in cleaning.json.
+
+        Counts of a dataset do not change from round to round, so later reports are not written again.
+        Returns whether the file changed.
+        """
+        data = self.read_cleaning()
+        if node is None:
+            if "eval_data" in data:
+                return False
+            data["eval_data"] = counts
+        else:
+            nodes = data.setdefault("nodes", {})
+            if node in nodes:
+                return False
+            nodes[node] = counts
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.cleaning_path, json.dumps(data, indent=2, sort_keys=True))
+        return True
 
 
 def new_run_id() -> str:

@@ -221,7 +221,7 @@ def test_to_json_is_the_mapping():
 
 def test_effective_learning_rate_by_part():
     assert RunConfig(learning_rate=0.3).effective_learning_rate == 0.3
-    assert RunConfig(train_part="full").effective_learning_rate == 5e-5
+    assert RunConfig(train_part="full").effective_learning_rate == 1.5e-4
     assert RunConfig(train_part="lora").effective_learning_rate == 1e-3
     assert RunConfig(train_part="head", top_k_layers=1).effective_learning_rate == 5e-4
     assert RunConfig(train_part="head").effective_learning_rate == 2e-2
