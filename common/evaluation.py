@@ -44,7 +44,9 @@ def evaluate_file(model, tokenizer, path: str | Path, *, schema: Schema, max_len
     labels = model_labels(model)
     ds = load_dataset(path, schema=schema, labels=labels, key_source=key_source)
     enc = encode(ds, tokenizer, max_length=max_length)
-    res = predict(model, enc, device=device or choose_device("auto"))
+    # An int8 model from `fedpriv compress` runs on CPU only, also where a GPU is present.
+    quantized = bool(getattr(model, "fedpriv_quantized_modules", None))
+    res = predict(model, enc, device=device or choose_device("cpu" if quantized else "auto"))
     groups = ds.groups if ds.groups is not None else ["all"] * len(ds)
     cm = confusion_matrix(res.y_true, res.y_pred, num_classes=len(labels))
     report: dict[str, Any] = {
