@@ -135,3 +135,47 @@ def plot_gaps_over_rounds(rows: Sequence[Mapping[str, Any]], out_path: str | Pat
         if xs:
             ax.plot(xs, ys, marker="o", label=name)
     return _finish(fig, ax, out_path)
+
+
+def plot_trials(values: Sequence[float | None], out_path: str | Path, *, metric: str,
+                title: str = "Hyperparameter search") -> Path:
+    """A search's metric per trial (``fedpriv tune``): one marker per completed trial, a cross on the x axis
+    for each failed one (``None``), and the best value so far as a step line.
+
+    Parameters
+    ----------
+    values : sequence of float or None
+        Metric of trial 1, 2, ... in order; None (or a non-finite value) for a failed trial.
+    out_path : path
+        PNG to write (parent folders are created).
+    metric : str
+        Name of the metric (the y label and the legend).
+    title : str
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_path``.
+    """
+    fig, ax = _new_figure(title, metric)
+    ax.set_xlabel("trial")
+    xs, ys, failed = [], [], []
+    best_x, best_y = [], []
+    best = None
+    for i, v in enumerate(values, start=1):
+        y = _number(v)
+        if y is None:
+            failed.append(i)
+            continue
+        xs.append(i)
+        ys.append(y)
+        best = y if best is None else max(best, y)
+        best_x.append(i)
+        best_y.append(best)
+    if xs:
+        ax.plot(xs, ys, linestyle="none", marker="o", label=metric)
+        ax.step(best_x, best_y, where="post", color="grey", linewidth=1, label="best so far")
+    if failed:
+        ax.plot(failed, [0.0 if not ys else min(ys)] * len(failed), linestyle="none", marker="x", color="C3",
+                label="failed")
+    return _finish(fig, ax, out_path)
