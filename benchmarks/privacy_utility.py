@@ -5,6 +5,11 @@ alpha = 1) with ``sst2/dev.tsv`` as the server-held ``--eval-data``; ε = inf is
 
     python benchmarks/privacy_utility.py --data-dir ../shared/data/sst2
     python benchmarks/privacy_utility.py --data-dir ../shared/data/sst2 --epsilons 8,inf --rounds 1   # shorter
+    python benchmarks/privacy_utility.py --data-dir ../shared/data/sst2 --train-size 2000 --rounds 2  # subsample
+
+``--train-size N`` trains on a seeded random sample of N rows of ``train.tsv`` (written to a temporary TSV);
+the dev set is always the whole ``dev.tsv``. ``--lr 0`` (the default) leaves the learning rate to fedpriv's
+default for the train part (2e-2 for ``head`` alone).
 
 Target (issue "Local DP-SGD ..."): at ε = 8 within 5 points of the non-private run.
 """
@@ -24,13 +29,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_setting(eps: float, args: argparse.Namespace, tmp: Path) -> dict:
+def subsample_tsv(src: Path, dst: Path, n: int, seed: int) -> int:
+    """Write a seeded random sample of ``n`` data rows of ``src`` (header kept, file order kept) to ``dst``."""
+    import random
+
+    header, *rows = src.read_text(encoding="utf-8").splitlines()
+    rows = [r for r in rows if r.strip()]
+    keep = sorted(random.Random(seed).sample(range(len(rows)), min(n, len(rows))))
+    dst.write_text("\n".join([header] + [rows[i] for i in keep]) + "\n", encoding="utf-8")
+    return len(keep)
+
+
+def run_setting(eps: float, args: argparse.Namespace, tmp: Path, train: Path) -> dict:
     out = tmp / f"eps-{eps}"
-    cmd = [sys.executable, "-m", "fedpriv", "simulate", "--data", str(Path(args.data_dir) / "train.tsv"),
+    cmd = [sys.executable, "-m", "fedpriv", "simulate", "--data", str(train),
            "--eval-data", str(Path(args.data_dir) / "dev.tsv"), "--text-col", "sentence", "--label-col", "label",
            "--model", args.model, "--train-part", args.train_part, "--nodes", "4", "--partition", "dirichlet",
            "--alpha", "1", "--rounds", str(args.rounds), "--local-epochs", "1", "--out", str(out), "--quiet",
-           "--lr", str(args.lr), "--seed", "0", "--run-config", args.run_config]
+           "--seed", "0", "--run-config", args.run_config]
+    if args.lr > 0:
+        cmd += ["--lr", str(args.lr)]
     if math.isinf(eps):
         cmd.append("--no-dp")
     else:
@@ -59,13 +77,20 @@ def main() -> None:
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--train-part", default="head")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=0.0, help="0: fedpriv's default for the train part")
+    ap.add_argument("--train-size", type=int, default=0, help="subsample train.tsv to N rows (0: all)")
+    ap.add_argument("--sample-seed", type=int, default=0)
     ap.add_argument("--run-config", default="max-length=64 batch-size=64 max-physical-batch-size=32")
     args = ap.parse_args()
     results = []
+    train = Path(args.data_dir) / "train.tsv"
     with tempfile.TemporaryDirectory() as tmp:
+        train_rows = None
+        if args.train_size > 0:
+            train_rows = subsample_tsv(train, Path(tmp) / "train-sample.tsv", args.train_size, args.sample_seed)
+            train = Path(tmp) / "train-sample.tsv"
         for e in args.epsilons.split(","):
-            r = run_setting(float(e), args, Path(tmp))
+            r = run_setting(float(e), args, Path(tmp), train)
             print(json.dumps(r), file=sys.stderr)
             results.append(r)
     base = next((r for r in results if r["epsilon_budget"] == "inf"), None)
@@ -74,7 +99,9 @@ def main() -> None:
             if r["eval_accuracy"] is not None:
                 r["points_below_non_private"] = round(100 * (base["eval_accuracy"] - r["eval_accuracy"]), 2)
     print(json.dumps({"benchmark": "privacy_utility", "dataset": "sst2", "nodes": 4, "model": args.model,
-                      "train_part": args.train_part, "rounds": args.rounds, "delta": 1e-5, "results": results},
+                      "train_part": args.train_part, "rounds": args.rounds, "delta": 1e-5,
+                      "train_rows": train_rows or "all", "sample_seed": args.sample_seed if train_rows else None,
+                      "lr": args.lr or "auto", "run_config": args.run_config, "results": results},
                      indent=2))
 
 
