@@ -28,6 +28,7 @@ QUIET_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # no "Loading weights" bars inside the round table
     "RAY_DEDUP_LOGS": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
@@ -127,6 +128,14 @@ def backend_config(num_nodes: int) -> dict[str, Any]:
     }
 
 
+class _KnownDeprecation(logging.Filter):
+    """Drops Flower's one warning that ``run_simulation`` is deprecated: fedpriv uses it on purpose (in-process,
+    no SuperLink left behind; README "Design"); the warning would only alarm users of ``simulate``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage().startswith("DEPRECATED FEATURE: The `run_simulation` function"))
+
+
 def run(cfg: RunConfig, *, nodes_dir: Path, num_nodes: int, progress=None) -> None:
     """Run the federation in Flower's simulation engine and shut Ray down afterwards."""
     apply_env()
@@ -138,9 +147,13 @@ def run(cfg: RunConfig, *, nodes_dir: Path, num_nodes: int, progress=None) -> No
 
     server_app = build_server_app(cfg, progress=progress)
     client_app = build_client_app(str(nodes_dir.resolve()))
+    flwr_logger = logging.getLogger("flwr")
+    hide = _KnownDeprecation()
+    flwr_logger.addFilter(hide)
     try:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
                        backend_name="ray", backend_config=backend_config(num_nodes))
     finally:
+        flwr_logger.removeFilter(hide)
         if ray.is_initialized():
             ray.shutdown()
