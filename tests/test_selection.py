@@ -225,3 +225,17 @@ def test_early_stopping_under_dp_ends_the_ledgers(tmp_path, task_identity) -> No
         assert entries(tmp_path / "run" / "ledgers" / f"{node}.jsonl") == own
     rep = audit_run(tmp_path / "run")
     assert rep.passed, rep.failures
+
+
+def test_simulate_flags_set_the_selection_keys() -> None:
+    from fedpriv.cli import build_parser
+    from fedpriv.cmd_simulate import build_config
+
+    args = build_parser().parse_args(["simulate", "--patience", "2", "--min-delta", "0.01", "--stop-metric",
+                                      "macro_f1", "--keep-best", "--folds", "3"])
+    cfg = build_config(args)
+    assert (cfg.early_stopping_patience, cfg.early_stopping_min_delta, cfg.early_stopping_metric, cfg.keep_best) \
+        == (2, 0.01, "macro_f1", True)
+    assert args.folds == 3
+    plain = build_config(build_parser().parse_args(["simulate"]))
+    assert (plain.early_stopping_patience, plain.keep_best, plain.early_stopping_metric) == (0, False, "auto")
