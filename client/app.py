@@ -1,7 +1,8 @@
 """The fedpriv ClientApp (Flower Message API): ``train`` and ``evaluate`` handlers.
 
 Train reply: ``arrays`` (trainable tensors only), ``metrics`` (``num-examples`` = training examples, loss,
-accuracy, bytes, ε, and with run-config ``clean`` the ``clean-*`` counts), ``info`` (node name, status, the ledger entry as JSON). A node that refuses (budget,
+accuracy, bytes, ε, and with run-config ``clean`` and node config ``share-cleaning-counts`` the ``clean-*``
+counts), ``info`` (node name, status, the ledger entry as JSON). A node that refuses (budget,
 δ too large) replies with ``num-examples = 0``, no arrays, and the reason in ``info``; a node whose data cannot
 be opened replies with a Flower error. Evaluate replies carry metrics and per-group confusion counts only,
 never the model.
@@ -40,6 +41,21 @@ def _build_model(cfg: RunConfig, node):
     spec = ModelSpec(source=source, labels=tuple(cfg.label_names), train_part=cfg.train_part,
                      top_k_layers=cfg.top_k_layers, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
     return build_model(spec), source
+
+
+def _sampling_seed(cfg: RunConfig, name: str, server_round: int, *, private: bool) -> int:
+    """Seed of the batch sampling (Poisson under DP). DP-SGD's amplification by subsampling assumes nobody can
+    predict which records a step used, so under DP with noise from OS entropy (the deployment default) the
+    sampling is seeded from OS entropy too. Only a run that fixes ``noise-seed`` (simulations, tests) derives
+    it from the config, reproducibly: such a run makes no privacy claim against whoever knows the seeds.
+    """
+    if private and cfg.noise_seed < 0:
+        import secrets
+
+        return secrets.randbits(31)
+    from client.node import derived_seed
+
+    return derived_seed(cfg.seed, name, server_round)  # not the run id: same seed, same run
 
 
 def _error_reply(msg: Message, code: int, reason: str) -> Message:
@@ -93,7 +109,7 @@ def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -
             info.update(status="refused", reason=refusal, epsilon=privacy.accountant.epsilon(),
                         budget=privacy.budget)
             return Message(RecordDict({
-                "metrics": MetricRecord({"num-examples": 0, **data.cleaning}),
+                "metrics": MetricRecord({"num-examples": 0}),
                 "info": ConfigRecord({"json": json.dumps(info)}),
             }), reply_to=msg)
 
@@ -107,7 +123,7 @@ def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -
         learning_rate=cfg.effective_learning_rate,
         weight_decay=cfg.weight_decay,
         warmup_ratio=cfg.warmup_ratio,
-        seed=derived_seed(cfg.seed, name, server_round),  # not the run id: same seed, same run
+        seed=_sampling_seed(cfg, name, server_round, private=plan is not None),
     )
     dp = None
     noise_seed = None
@@ -125,7 +141,9 @@ def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -
         "train-loss": float(result.loss),
         "train-accuracy": float(result.accuracy),
         "train-seconds": float(result.seconds),
-        **data.cleaning,  # run-config ``clean``: counts per rule (numbers only, never text)
+        # run-config ``clean``: counts per rule (numbers, never text), exact and so outside the DP guarantee:
+        # sent only when the institution opted in (node config share-cleaning-counts=true)
+        **(data.cleaning if node.share_cleaning_counts else {}),
     }
     if plan is not None and privacy is not None:
         entry = privacy.commit(plan, run=run, server_round=server_round, noise_seed=noise_seed)

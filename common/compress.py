@@ -65,6 +65,8 @@ ERR_PRUNE_RANGE = "prune amount (--prune) must be a fraction in [0, 1); got {val
 ERR_PRUNE_SCOPE = "prune scope (--prune-scope) must be one of {choices}; got {value!r}"
 ERR_NOTHING = "nothing to do: give --quantize int8 and/or --prune AMOUNT (a fraction in [0, 1))"
 ERR_OUT_NOT_EMPTY = "output directory {path} exists and is not empty (--out); choose another path or pass --force to replace it"
+ERR_FORCE_FOREIGN = ("--force replaces only an earlier `fedpriv compress` output (a directory holding "
+                     f"{MARKER}); {{path}} is not one: choose an empty or new --out")
 ERR_OUT_NOT_DIR = "output path {path} exists and is not a directory (--out)"
 ERR_OUT_HOLDS_INPUT = "output directory {path} (--out) is or contains the input {what} {inner}; choose another --out"
 ERR_EVAL_MISSING = "evaluation file {path} does not exist (--eval-data)"
@@ -163,6 +165,9 @@ def request_problems(req: CompressRequest) -> list[str]:
         problems.append(ERR_OUT_NOT_DIR.format(path=out))
     elif out.is_dir() and any(out.iterdir()) and not req.force:
         problems.append(ERR_OUT_NOT_EMPTY.format(path=out))
+    elif out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        # --force deletes the old directory: never one that is not a compress output (e.g. --out ~/Documents)
+        problems.append(ERR_FORCE_FOREIGN.format(path=out))
     inputs = [("model", model)] + ([("evaluation file", Path(req.eval_data).expanduser())] if req.eval_data else [])
     inputs.append(("working directory", Path.cwd()))
     for what, inner in inputs:

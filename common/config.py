@@ -26,6 +26,8 @@ ACCOUNTANTS = ("prv", "rdp")
 ERR_UNKNOWN_KEY = "unknown config key {key!r}; valid keys: {valid}"
 ERR_TYPE = "config key {key!r} expects {expected}, got {value!r}"
 ERR_RANGE = "config key {key!r} must be {allowed}, got {value!r}"
+# Numeric keys of a metrics.jsonl row that can select a model (eval_* need a server-held evaluation set).
+SELECTION_METRICS = ("accuracy", "macro_f1", "loss", "train_loss", "eval_accuracy", "eval_macro_f1", "eval_loss")
 ERR_CHOICE = "config key {key!r} must be one of {choices}, got {value!r}"
 
 
@@ -241,10 +243,14 @@ class RunConfig:
         _check("count-noise-epsilon", self.count_noise_epsilon, low=0.0)
         _check("early-stopping-patience", self.early_stopping_patience, low=0)
         _check("early-stopping-min-delta", self.early_stopping_min_delta, low=0.0)
-        if not self.early_stopping_metric:
+        if self.early_stopping_metric != "auto" and self.early_stopping_metric not in SELECTION_METRICS:
             raise ConfigError(ERR_RANGE.format(key="early-stopping-metric",
-                                               allowed="auto or a metric name such as eval_accuracy, macro_f1, loss",
-                                               value=""))
+                                               allowed="auto or one of " + ", ".join(SELECTION_METRICS),
+                                               value=self.early_stopping_metric))
+        if self.early_stopping_metric.startswith("eval_") and not self.eval_data:
+            raise ConfigError(ERR_RANGE.format(key="early-stopping-metric",
+                                               allowed="a non-eval_ metric unless eval-data is set",
+                                               value=self.early_stopping_metric))
         for key, value in self.fairness_thresholds.items():
             if key not in FAIRNESS_THRESHOLD_KEYS:
                 raise ConfigError(
@@ -345,6 +351,9 @@ class NodeConfig:
     count_noise_epsilon: float = 0.0  # >0: noise evaluation counts with this ε each round (ledgered)
     device: str = ""  # override the device the coordinator asks for
     model_dir: str = ""  # local copy of the model directory when the run's model is a path
+    # Send the text-cleaning counts to the coordinator. They are exact (not DP) statistics of the private data,
+    # so an institution opts in; they are always logged on the node.
+    share_cleaning_counts: bool = False
 
     def __post_init__(self) -> None:
         _check("epsilon", self.epsilon, low=0.0, low_open=True)

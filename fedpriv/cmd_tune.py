@@ -184,7 +184,14 @@ def _finish(console, result, *, args, cfg, out: Path, metric: str, kind: str, se
                       f"{max(r.epsilon.values()):.3g}" if r.epsilon else "—", f"{r.seconds:.0f}")
     console.print(table)
 
-    spent = max((max(r.epsilon.values()) for r in recs if r.epsilon), default=0.0) if private else 0.0
+    spent = 0.0
+    if private:
+        # The nodes' own ledgers hold every release, also those of a trial that crashed mid-way and noised
+        # evaluation counts, which the trials' metrics rows can miss.
+        from simulations.runner import nodes_ledger_epsilon
+
+        on_ledger = nodes_ledger_epsilon(out / "nodes").values()
+        spent = max([*on_ledger, *(max(r.epsilon.values()) for r in recs if r.epsilon)], default=0.0)
     ledger_counts: dict[str, int] = {}
     if private:
         ledger_counts = tune.combine_ledgers([out / "trials" / f"trial-{r.trial:03d}" for r in recs],
@@ -202,7 +209,9 @@ def _finish(console, result, *, args, cfg, out: Path, metric: str, kind: str, se
         print(f"fedpriv tune: {ERR_NO_BEST.format(failed=len(recs))}", file=sys.stderr)
         return 1
     best = result.best
-    left = budget - spent if private else None
+    # What the final run may spend: the budget minus the most tuning *could* have spent (each node was capped
+    # at tune_epsilon), never minus a measured figure that a lost row could understate.
+    left = budget - tune_epsilon if private else None
     values = tune.best_run_config(cfg, best.params, epsilon=left)
     comments = [
         f"fedpriv tune: best of {len(recs)} trials is trial {best.trial}: {metric} = {best.value:.4f} after "
@@ -213,8 +222,9 @@ def _finish(console, result, *, args, cfg, out: Path, metric: str, kind: str, se
     ]
     if private:
         comments.append(f"epsilon: tuning spent up to ε={spent:.4g} of each node's budget {budget:g} (trials' "
-                        f"releases are in the nodes' ledgers); the final run is asked to stay within the "
-                        f"remaining {left:.4g} (basic composition; δ adds up too)")
+                        f"releases are in the nodes' ledgers, capped at the tuning budget {tune_epsilon:g}); the "
+                        f"final run is asked to stay within the remaining {left:.4g} (basic composition; δ adds "
+                        "up too)")
     tune.write_run_config_toml(out / "best.toml", values, comments=comments)
     console.print(f"best: trial {best.trial}, {metric} {best.value:.4f}: {_fmt_params(best.params, searched)}")
     if private:

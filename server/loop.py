@@ -358,6 +358,13 @@ def run_federation(grid, cfg: RunConfig, *, progress: Progress | None = None,
     save_pretrained(model, load_tokenizer(cfg.model), rundir.model_dir)
     if keep_best and selection.best_round:
         best = rundir.load_named_checkpoint("best_checkpoint")
+        if best is not None and int(best[0]["round"]) != selection.best_round:
+            # A crash between saving a candidate best and committing its round, and a rerun of that round
+            # that did not improve, leaves weights of an uncommitted round there: never label them as best.
+            log.warning("run=%s best/ not written: best_checkpoint holds round %s but the best committed round "
+                        "is %d (its weights were replaced before a crash)", run_id, best[0]["round"],
+                        selection.best_round)
+            best = None
         if best is not None:
             best_model = build_model(spec)
             load_trainable(best_model, best[1])
@@ -367,6 +374,10 @@ def run_federation(grid, cfg: RunConfig, *, progress: Progress | None = None,
                  "stopped": stopped}, indent=2) + "\n")
     if cfg.keep_best_fair and best_state:
         best = rundir.load_named_checkpoint("best_fair_checkpoint")
+        if best is not None and int(best[0]["round"]) != int(best_state.get("round", -1)):
+            log.warning("run=%s best_fair/ not written: its checkpoint holds round %s, the committed best-fair "
+                        "round is %s", run_id, best[0]["round"], best_state.get("round"))
+            best = None
         if best is not None:
             best_model = build_model(spec)
             load_trainable(best_model, best[1])

@@ -17,10 +17,18 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from common.config import SELECTION_METRICS as METRICS
+
 
 def resolve_metric(name: str, *, has_eval_data: bool) -> str:
+    """The metric key to select on; a name that no round would carry is an error now, not a silent stop later."""
     if name == "auto":
         return "eval_accuracy" if has_eval_data else "accuracy"
+    if name not in METRICS:
+        raise ValueError(f"config key 'early-stopping-metric' must be auto or one of {', '.join(METRICS)}, "
+                         f"got {name!r}")
+    if name.startswith("eval_") and not has_eval_data:
+        raise ValueError(f"early-stopping-metric {name!r} needs a server-held evaluation set (eval-data)")
     return name
 
 
@@ -71,9 +79,12 @@ class Selection:
                    min_delta: float) -> Selection:
         """Restore a checkpointed state; settings come from the (possibly changed) run config."""
         sel = cls(metric=metric, patience=patience, min_delta=min_delta)
-        if state and state.get("metric") == metric:
+        if not state:
+            return sel
+        # A stopped run stays stopped whatever the new settings: restarting it must not spend more ε.
+        sel.stopped = str(state.get("stopped", ""))
+        if state.get("metric") == metric:
             sel.best_round = int(state.get("best_round", 0))
             sel.best_value = state.get("best_value")
             sel.bad_rounds = int(state.get("bad_rounds", 0))
-            sel.stopped = str(state.get("stopped", ""))
         return sel

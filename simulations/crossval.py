@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
+from simulations.runner import nodes_ledger_epsilon
 
 SUMMARY_FILE = "cv.json"
 METRIC_KEYS = ("accuracy", "macro_f1", "loss", "eval_accuracy", "eval_macro_f1", "eval_loss")
@@ -29,10 +30,21 @@ def fold_configs(cfg: RunConfig, *, folds: int, budget: float, out: Path) -> lis
     """One run config per fold: its own run directory, its held-out fold and, with DP, its cumulative ε ask."""
     if folds < 2:
         raise ValueError(f"--folds must be >= 2; got {folds}")
-    base = cfg.epsilon if cfg.epsilon > 0 else budget
+    base = min(cfg.epsilon, budget) if cfg.epsilon > 0 else budget
     return [cfg.replace(cv_folds=folds, cv_fold=k, out=str(out / f"fold-{k}"),
-                        epsilon=base * (k + 1) / folds if cfg.dp else cfg.epsilon)
+                        epsilon=base * (k + 1) / folds if cfg.dp else cfg.epsilon,
+                        noise_seed=_fold_noise_seed(cfg.noise_seed, k))
             for k in range(folds)]
+
+
+def _fold_noise_seed(noise_seed: int, fold: int) -> int:
+    """A fixed noise seed must not repeat across folds: folds train on the same records, and two releases
+    with the same noise let an observer cancel it. -1 (OS entropy) stays -1."""
+    if noise_seed < 0:
+        return noise_seed
+    from client.node import derived_seed
+
+    return derived_seed(noise_seed, "cv-fold", fold)
 
 
 def _rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -60,15 +72,18 @@ def fold_metrics(row: dict[str, Any]) -> dict[str, float]:
 
 def summarize(out: Path, folds: int) -> dict[str, Any]:
     """Mean, standard deviation (n-1), min and max of each metric over the folds' last completed rounds, and
-    the ε each node spent over all folds (the largest cumulative ε any fold's round reports)."""
+    the ε each node spent over all folds: from the nodes' own ledgers when they are in ``out/nodes`` (they
+    hold every release), else the largest cumulative ε any fold's round reports, failed rounds included
+    (nodes that trained in a round that failed still spent)."""
     per_fold: list[dict[str, Any]] = []
     eps: dict[str, float] = {}
     for k in range(folds):
-        rows = [r for r in _rows(out / f"fold-{k}") if r.get("status") == "ok"]
-        for r in rows:
+        all_rows = _rows(out / f"fold-{k}")
+        for r in all_rows:
             for node, e in (r.get("epsilon") or {}).items():
                 if (v := _number(e)) is not None:
                     eps[node] = max(eps.get(node, 0.0), v)
+        rows = [r for r in all_rows if r.get("status") == "ok"]
         if rows:
             per_fold.append({"fold": k, "round": rows[-1]["round"], **fold_metrics(rows[-1])})
     stats: dict[str, dict[str, float]] = {}
@@ -78,6 +93,8 @@ def summarize(out: Path, folds: int) -> dict[str, Any]:
         mean = sum(vals) / len(vals)
         std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
         stats[key] = {"mean": mean, "std": std, "min": min(vals), "max": max(vals), "folds": len(vals)}
+    for node, v in nodes_ledger_epsilon(out / "nodes").items():
+        eps[node] = max(eps.get(node, 0.0), v)
     return {"folds": folds, "completed_folds": len(per_fold), "per_fold": per_fold, "metrics": stats,
             "epsilon_total": eps}
 

@@ -88,6 +88,8 @@ def prepare_nodes(cfg: RunConfig, opts: SimOptions, run_dir: Path) -> tuple[RunC
             "state-dir": str((ndir / "state").resolve()),
             "epsilon": opts.epsilon,
             "delta": opts.delta,
+            # one person runs every simulated institution: the cleaning counts may go to the run directory
+            "share-cleaning-counts": True,
         }
         if opts.count_noise_epsilon > 0:
             node_cfg["count-noise-epsilon"] = opts.count_noise_epsilon
@@ -113,6 +115,21 @@ def prepare_nodes(cfg: RunConfig, opts: SimOptions, run_dir: Path) -> tuple[RunC
         sizes.append(len(idx))
     log.info("prepared %d nodes in %s: sizes %s", opts.nodes, nodes_dir, sizes)
     return cfg, nodes_dir
+
+
+def nodes_ledger_epsilon(nodes_dir: Path) -> dict[str, float]:
+    """ε after the last entry of each simulated node's own ledger (``nodes_dir/node-i/state/ledger.jsonl``):
+    the node's cumulative spend over every release it made (training and noised counts), in every run that
+    shared its state directory."""
+    import math
+
+    out: dict[str, float] = {}
+    for ledger in sorted(Path(nodes_dir).glob("node-*/state/ledger.jsonl")):
+        lines = [x for x in ledger.read_text().splitlines() if x.strip()]
+        value = json.loads(lines[-1]).get("epsilon") if lines else None
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(float(value)):
+            out[ledger.parent.parent.name] = float(value)
+    return out
 
 
 def backend_config(num_nodes: int) -> dict[str, Any]:

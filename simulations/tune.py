@@ -501,6 +501,12 @@ class FederationObjective:
         values = {**self.base.to_mapping(), **params, "out": str(self.trial_dir(trial))}
         if self.private:
             values["epsilon"] = trial_epsilon_cap(trial=trial, trials=self.trials, tune_epsilon=self.tune_epsilon)
+        if self.base.noise_seed >= 0:
+            # A fixed noise seed must not repeat across trials: trials train on the same records, and two
+            # releases with the same noise (e.g. differing only in the clipping norm) let an observer cancel it.
+            from client.node import derived_seed
+
+            values["noise-seed"] = derived_seed(self.base.noise_seed, "tune-trial", trial)
         return RunConfig.from_mapping(values)
 
     def _write_trial_nodes(self, trial_dir: Path) -> Path:

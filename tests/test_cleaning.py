@@ -426,7 +426,8 @@ def test_counts_reach_the_run_directory_once_per_node(tmp_path, server_task, _on
         ndir = nodes_dir / f"node-{i}"
         data = _write(ndir / "data.jsonl", rows)
         (ndir / "node.json").write_text(json.dumps({"node-name": f"node-{i}", "data-path": str(data),
-                                                    "state-dir": str(ndir / "state")}))
+                                                    "state-dir": str(ndir / "state"),
+                                                    "share-cleaning-counts": True}))
     eval_path = _write(tmp_path / "eval.csv", EVAL_ROWS)
     cfg = RunConfig(model="tiny", labels=",".join(LABELS), num_server_rounds=2, dp=False, batch_size=4,
                     max_physical_batch_size=4, max_length=16, device="cpu", clean="all", eval_data=str(eval_path),
@@ -453,3 +454,40 @@ def test_counts_reach_the_run_directory_once_per_node(tmp_path, server_task, _on
             assert node_row["num-examples"] < expected[name]["rows_out"] <= expected[name]["rows_in"]
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Data cleaning" in report and "| eval-data (server) | 4 | 3 |" in report
+
+
+def test_counts_stay_on_the_node_unless_it_opts_in(tmp_path, monkeypatch) -> None:
+    """The counts are exact statistics of private data: a node sends them only with share-cleaning-counts."""
+    import json as _json
+
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.app import handle_train
+    from common.config import RunConfig
+    from common.model import ModelSpec, build_model, to_array_record, trainable_state
+    from server.loop import _config_record
+    from simulations.runner import SimOptions, prepare_nodes
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    from flwr.app import Message, MessageType
+
+    cfg = RunConfig(model="tiny", dp=False, clean="all", out=str(tmp_path / "run"))
+    cfg, nodes_dir = prepare_nodes(cfg, SimOptions(nodes=1, synthetic_size=40), tmp_path / "run")
+    arrays = trainable_state(build_model(ModelSpec(source="tiny", labels=tuple(cfg.label_names), top_k_layers=0)))
+
+    def reply_metrics(share: bool) -> dict:
+        path = nodes_dir / "node-0" / "node.json"
+        node_cfg = _json.loads(path.read_text())
+        node_cfg["share-cleaning-counts"] = share
+        path.write_text(_json.dumps(node_cfg))
+        msg = Message(RecordDict({"arrays": to_array_record(arrays),
+                                  "config": _config_record(cfg, run_id="r", server_round=1)}),
+                      dst_node_id=1, message_type=MessageType.TRAIN)
+        ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+        return dict(handle_train(msg, ctx, sim_nodes_dir=str(nodes_dir)).content["metrics"])
+
+    assert any(k.startswith("clean-") for k in reply_metrics(True))
+    assert not any(k.startswith("clean-") for k in reply_metrics(False))

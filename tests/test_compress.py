@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from common.compress import (
+    ERR_FORCE_FOREIGN,
     ERR_MODEL_MISSING,
     ERR_MODEL_NO_CONFIG,
     ERR_NEEDS_EVAL,
@@ -293,6 +294,14 @@ def test_non_empty_out_is_refused_unless_force(tmp_path, float_dir, capsys):
     assert main(["compress", "--model", str(float_dir), "--out", str(out), "--quantize", "int8"]) == 2
     assert _err(capsys) == [f"fedpriv compress: {ERR_OUT_NOT_EMPTY.format(path=out)}"]
     assert (out / "keep.txt").read_text() == "mine"
+    # --force never deletes a directory that is not an earlier compress output (e.g. --out ~/Documents)
+    assert main(["compress", "--model", str(float_dir), "--out", str(out), "--quantize", "int8", "--force", *FAST]) == 2
+    assert _err(capsys) == [f"fedpriv compress: {ERR_FORCE_FOREIGN.format(path=out)}"]
+    assert (out / "keep.txt").read_text() == "mine"
+    # an earlier output is replaced
+    (out / "keep.txt").unlink()
+    assert main(["compress", "--model", str(float_dir), "--out", str(out), "--prune", "0.2", *FAST]) == 0
+    (out / "keep.txt").write_text("stale")
     assert main(["compress", "--model", str(float_dir), "--out", str(out), "--quantize", "int8", "--force", *FAST]) == 0
     assert not (out / "keep.txt").exists() and (out / QUANTIZED_WEIGHTS).is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial or old copies left behind
@@ -306,8 +315,8 @@ def test_empty_out_dir_is_accepted(tmp_path, float_dir):
 def test_out_holding_the_model_is_refused_even_with_force(tmp_path, float_dir, capsys):
     parent = float_dir.parent
     assert main(["compress", "--model", str(float_dir), "--out", str(parent), "--quantize", "int8", "--force"]) == 2
-    assert _err(capsys) == [
-        f"fedpriv compress: {ERR_OUT_HOLDS_INPUT.format(path=parent, what='model', inner=float_dir)}"]
+    assert _err(capsys) == [f"fedpriv compress: {ERR_FORCE_FOREIGN.format(path=parent)}",
+                            f"fedpriv compress: {ERR_OUT_HOLDS_INPUT.format(path=parent, what='model', inner=float_dir)}"]
     assert (float_dir / "config.json").is_file()
 
 

@@ -71,8 +71,15 @@ def test_fold_asks_add_up_to_the_budget(tmp_path) -> None:
     assert [c.cv_fold for c in cfgs] == [0, 1, 2, 3] and all(c.cv_folds == 4 for c in cfgs)
     assert cfgs[2].out == str(tmp_path / "fold-2")
     assert all(c.epsilon == 0 for c in fold_configs(RunConfig(dp=False), folds=2, budget=8.0, out=tmp_path))
-    # a smaller ask in the run config is split the same way, never raised
+    # a smaller ask in the run config is split the same way, never raised; a larger one is capped
     assert [c.epsilon for c in fold_configs(RunConfig(epsilon=2.0), folds=2, budget=8.0, out=tmp_path)] == [1.0, 2.0]
+    assert [c.epsilon for c in fold_configs(RunConfig(epsilon=20.0), folds=2, budget=8.0, out=tmp_path)] == [4.0, 8.0]
+
+
+def test_a_fixed_noise_seed_differs_per_fold(tmp_path) -> None:
+    seeds = [c.noise_seed for c in fold_configs(RunConfig(noise_seed=0), folds=4, budget=8.0, out=tmp_path)]
+    assert len(set(seeds)) == 4 and all(s >= 0 for s in seeds)
+    assert {c.noise_seed for c in fold_configs(RunConfig(), folds=3, budget=8.0, out=tmp_path)} == {-1}
 
 
 def test_summary_mean_spread_and_total_epsilon(tmp_path) -> None:
@@ -92,6 +99,20 @@ def test_summary_mean_spread_and_total_epsilon(tmp_path) -> None:
     assert s["metrics"]["gap.equalized_odds_difference"]["mean"] == pytest.approx(0.2)
     assert s["epsilon_total"] == {"node-0": 6.0}
     assert [f["round"] for f in s["per_fold"]] == [2, 2, 2]
+
+
+def test_total_epsilon_counts_failed_rounds_and_the_node_ledgers(tmp_path) -> None:
+    d = tmp_path / "fold-0"
+    d.mkdir()
+    rows = [{"round": 1, "status": "ok", "accuracy": 0.6, "epsilon": {"node-0": 5.0}},
+            {"round": 2, "status": "failed", "epsilon": {"node-0": 7.9}}]  # node-0 trained; the round failed
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert summarize(tmp_path, 1)["epsilon_total"] == {"node-0": 7.9}
+    # the node's own ledger also holds releases no row shows (e.g. noised counts after the last round)
+    ledger = tmp_path / "nodes" / "node-0" / "state" / "ledger.jsonl"
+    ledger.parent.mkdir(parents=True)
+    ledger.write_text(json.dumps({"round": 1, "epsilon": 5.0}) + "\n" + json.dumps({"round": 2, "epsilon": 8.0}) + "\n")
+    assert summarize(tmp_path, 1)["epsilon_total"] == {"node-0": 8.0}
 
 
 @pytest.mark.slow

@@ -239,3 +239,42 @@ def test_simulate_flags_set_the_selection_keys() -> None:
     assert args.folds == 3
     plain = build_config(build_parser().parse_args(["simulate"]))
     assert (plain.early_stopping_patience, plain.keep_best, plain.early_stopping_metric) == (0, False, "auto")
+
+
+def test_a_stopped_run_stays_stopped_even_with_another_metric() -> None:
+    _, sel = _run([0.5, 0.4, 0.4], patience=2)
+    assert sel.stopped
+    again = Selection.from_state(sel.state_dict(), metric="macro_f1", patience=5, min_delta=0.0)
+    assert again.stopped == sel.stopped and again.best_round == 0
+
+
+def test_unknown_or_unavailable_metric_is_refused_before_any_round() -> None:
+    from common.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="early-stopping-metric.*eval_acc"):
+        RunConfig(early_stopping_metric="eval_acc")
+    with pytest.raises(ConfigError, match="unless eval-data is set"):
+        RunConfig(early_stopping_metric="eval_accuracy")
+    assert RunConfig(early_stopping_metric="eval_macro_f1", eval_data="dev.csv").early_stopping_metric == "eval_macro_f1"
+    with pytest.raises(ValueError, match="one of accuracy"):
+        resolve_metric("f1", has_eval_data=False)
+
+
+def test_best_is_not_written_from_weights_of_an_uncommitted_round(tmp_path, task_identity) -> None:
+    import shutil
+
+    from common.config import RunConfig
+    from server.loop import run_federation
+    from server.rundir import RunDir
+
+    cfg = RunConfig(num_server_rounds=3, model="tiny", labels="negative,positive", dp=False, min_nodes=2,
+                    out=str(tmp_path / "run"), keep_best=True)
+    run_federation(ScriptedGrid(), cfg, wait_timeout=5)
+    assert (tmp_path / "run" / "best").is_dir()
+    # As after a crash between a candidate best and its commit: best_checkpoint holds another round's weights.
+    rd = RunDir(tmp_path / "run")
+    state, arrays = rd.load_named_checkpoint("best_checkpoint")
+    rd.save_checkpoint(round_=99, run_id=state["run_id"], arrays=arrays, name="best_checkpoint")
+    shutil.rmtree(tmp_path / "run" / "best")
+    run_federation(ScriptedGrid(), cfg, wait_timeout=5)
+    assert not (tmp_path / "run" / "best").exists()

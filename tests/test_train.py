@@ -224,3 +224,15 @@ def test_dp_training_runs_the_planned_mechanism_and_is_seeded(make_model, toy_en
         runs.append(trainable(model))
     assert max_abs_diff(runs[0], runs[1]) == 0.0  # same sampling seed and noise seed: same result
     assert max_abs_diff(runs[0], runs[2]) > 0.0  # the noise seed matters
+
+
+def test_dp_batch_sampling_is_secret_unless_the_noise_seed_is_fixed() -> None:
+    # Amplification by subsampling assumes nobody can predict which records a step used.
+    from client.app import _sampling_seed
+    from common.config import RunConfig
+
+    deployed = RunConfig()  # noise-seed -1: OS entropy
+    assert len({_sampling_seed(deployed, "site-a", 1, private=True) for _ in range(8)}) > 1
+    fixed = RunConfig(noise_seed=0)
+    assert _sampling_seed(fixed, "site-a", 1, private=True) == _sampling_seed(fixed, "site-a", 1, private=True)
+    assert _sampling_seed(deployed, "site-a", 1, private=False) == _sampling_seed(deployed, "site-a", 1, private=False)
