@@ -167,7 +167,11 @@ def _train_dp(model, loader, optimizer, *, settings: TrainSettings, device, dp: 
         for _ in range(settings.epochs):
             for b_ids, b_mask, b_y in mem_loader:
                 if len(b_y) == 0:
-                    # An empty Poisson draw: nothing to compute. The draw is still counted in ``steps``.
+                    # An empty Poisson draw still makes a noisy step (zero gradient + noise), as the analysis
+                    # assumes: skipping it would reveal that no record was drawn, which a neighbouring dataset
+                    # with one more record could change.
+                    if _noise_only_step(dp_optimizer):
+                        scheduler.step()
                     continue
                 dp_optimizer.zero_grad(set_to_none=True)
                 y = b_y.to(device)
@@ -185,6 +189,28 @@ def _train_dp(model, loader, optimizer, *, settings: TrainSettings, device, dp: 
         private_model._close()
     return TrainResult(loss=loss_sum / max(seen, 1), accuracy=correct / max(seen, 1), examples_seen=seen,
                        steps=total_steps, sample_rate=sample_rate, seconds=time.perf_counter() - start)
+
+
+def _noise_only_step(dp_optimizer) -> bool:
+    """The DP step of an empty logical batch: every trainable tensor gets Gaussian noise (σ·C, scaled like any
+    other step) and the optimizer steps. Returns False when Opacus' batch splitter marked this physical batch
+    as one to accumulate rather than step on (never for an empty logical batch, which is one physical batch)."""
+    import torch
+
+    if dp_optimizer._check_skip_next_step():
+        dp_optimizer._is_last_step_skipped = True
+        return False
+    for p in dp_optimizer.params:
+        p.summed_grad = torch.zeros_like(p)
+    dp_optimizer.add_noise()
+    dp_optimizer.scale_grad()
+    if dp_optimizer.step_hook:
+        dp_optimizer.step_hook(dp_optimizer)
+    dp_optimizer._is_last_step_skipped = False
+    dp_optimizer.original_optimizer.step()
+    for p in dp_optimizer.params:
+        p.grad, p.summed_grad = None, None
+    return True
 
 
 def planned_dp_steps(n: int, *, batch_size: int, epochs: int) -> tuple[float, int]:

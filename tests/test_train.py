@@ -236,3 +236,31 @@ def test_dp_batch_sampling_is_secret_unless_the_noise_seed_is_fixed() -> None:
     fixed = RunConfig(noise_seed=0)
     assert _sampling_seed(fixed, "site-a", 1, private=True) == _sampling_seed(fixed, "site-a", 1, private=True)
     assert _sampling_seed(deployed, "site-a", 1, private=False) == _sampling_seed(deployed, "site-a", 1, private=False)
+
+
+@pytest.mark.parametrize("part", ["head", "full"])
+def test_empty_poisson_batches_still_make_a_noisy_step(part, tokenizer) -> None:
+    """Every planned Poisson draw is a noisy optimizer step, also an empty one (q = 1/8 over 8 examples makes
+    about a third of the draws empty); skipping them would reveal that no record was drawn."""
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from client.train import DpSettings, TrainSettings, train_local
+    from common.data import encode
+    from common.model import ModelSpec, build_model
+    from simulations.synthetic import make_synthetic
+
+    enc = encode(make_synthetic(8, seed=0), tokenizer, max_length=16)
+    model = build_model(ModelSpec(source="tiny", labels=("negative", "positive"), train_part=part, top_k_layers=0))
+    steps = []
+    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: steps.append(1))
+    try:
+        res = train_local(model, enc, device=torch.device("cpu"),
+                          settings=TrainSettings(epochs=3, batch_size=1, max_physical_batch_size=4, learning_rate=1e-3,
+                                                 weight_decay=0.0, warmup_ratio=0.0, seed=1),
+                          dp=DpSettings(noise_multiplier=1.0, clipping_norm=1.0,
+                                        grad_sample_mode="ghost" if part == "full" else "hooks", noise_seed=0))
+    finally:
+        handle.remove()
+    assert res.steps == 24 and len(steps) == 24
+    assert res.examples_seen < 24 + 12  # many draws were empty (expected 24 * (7/8)^8 ~ 8)
