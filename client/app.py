@@ -64,7 +64,7 @@ def _error_reply(msg: Message, code: int, reason: str) -> Message:
 
 def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -> Message:
     from client.node import NodePrivacy, derived_seed, load_node_config, load_node_data, node_name
-    from client.train import DpSettings, TrainSettings, train_local
+    from client.train import DpSettings, TrainSettings, grad_sample_mode_for, train_local
     from common.model import (
         choose_device,
         from_array_record,
@@ -130,7 +130,7 @@ def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -
     if plan is not None:
         noise_seed = derived_seed(cfg.noise_seed, name, server_round) if cfg.noise_seed >= 0 else None
         dp = DpSettings(noise_multiplier=plan.noise_multiplier, clipping_norm=cfg.clipping_norm,
-                        grad_sample_mode="ghost" if cfg.train_part == "full" else "hooks", noise_seed=noise_seed)
+                        grad_sample_mode=grad_sample_mode_for(cfg.train_part, cfg.top_k_layers), noise_seed=noise_seed)
     try:
         result = train_local(model, data.train, settings=settings, device=device, dp=dp)
     except Exception as exc:

@@ -251,7 +251,7 @@ def run_audit(s: AuditSettings, *, base: TextDataset, progress=None) -> AuditRes
 
     import torch
 
-    from client.train import DpSettings, TrainSettings, planned_dp_steps, train_local
+    from client.train import DpSettings, TrainSettings, grad_sample_mode_for, planned_dp_steps, train_local
     from common.data import encode
     from common.model import ModelSpec, build_model, choose_device, load_tokenizer
     from common.privacy import DpSgdRelease, calibrate_noise_multiplier, compute_epsilon
@@ -291,7 +291,7 @@ def run_audit(s: AuditSettings, *, base: TextDataset, progress=None) -> AuditRes
     theoretical = (compute_epsilon([DpSgdRelease(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)],
                                    delta=s.delta, accountant=s.accountant) if sigma > 0 else None)
 
-    model = build_model(ModelSpec(source=s.model, labels=labels, train_part=s.train_part))
+    model = build_model(ModelSpec(source=s.model, labels=labels, train_part=s.train_part, top_k_layers=0))
     model.to(device)
     before = _embedding_rows(model).detach().to("cpu", copy=True) if s.score == "embedding" else None
     initial = copy.deepcopy(model) if s.score == "loss" else None
@@ -302,7 +302,7 @@ def run_audit(s: AuditSettings, *, base: TextDataset, progress=None) -> AuditRes
                              learning_rate=s.learning_rate, weight_decay=s.weight_decay, warmup_ratio=0.0,
                              seed=s.seed)
     dp = DpSettings(noise_multiplier=sigma, clipping_norm=s.clipping_norm,
-                    grad_sample_mode="ghost" if s.train_part == "full" else "hooks", noise_seed=s.noise_seed)
+                    grad_sample_mode=grad_sample_mode_for(s.train_part), noise_seed=s.noise_seed)
     train_local(model, train, settings=settings, device=device, dp=dp)
 
     if s.score == "embedding":

@@ -264,3 +264,25 @@ def test_empty_poisson_batches_still_make_a_noisy_step(part, tokenizer) -> None:
         handle.remove()
     assert res.steps == 24 and len(steps) == 24
     assert res.examples_seen < 24 + 12  # many draws were empty (expected 24 * (7/8)^8 ~ 8)
+
+
+def test_ghost_clipping_wherever_encoder_layers_train(tokenizer) -> None:
+    import torch
+
+    from client.train import DpSettings, TrainSettings, grad_sample_mode_for, train_local
+    from common.data import encode
+    from common.model import ModelSpec, build_model, trainable_state
+    from simulations.synthetic import make_synthetic
+
+    assert [grad_sample_mode_for(p, k) for p, k in (("full", 0), ("head", 1), ("head", 0), ("lora", 0))] == \
+        ["ghost", "ghost", "hooks", "hooks"]
+    model = build_model(ModelSpec(source="tiny", labels=("negative", "positive"), train_part="head", top_k_layers=1))
+    before = trainable_state(model)
+    res = train_local(model, encode(make_synthetic(32, seed=0), tokenizer, max_length=16), device=torch.device("cpu"),
+                      settings=TrainSettings(epochs=1, batch_size=8, max_physical_batch_size=8, learning_rate=1e-3,
+                                             weight_decay=0.0, warmup_ratio=0.0, seed=0),
+                      dp=DpSettings(noise_multiplier=1.0, clipping_norm=1.0, grad_sample_mode=grad_sample_mode_for(
+                          "head", 1), noise_seed=0))
+    after = trainable_state(model)
+    assert res.steps == 4 and all(np.isfinite(v).all() for v in after.values())
+    assert any(not np.array_equal(before[k], after[k]) for k in before if ".layer.1." in k)  # the top layer trained
