@@ -47,11 +47,17 @@ def register(sub) -> None:
     sel.add_argument("--keep-best", action="store_true", default=None,
                      help="keep best/ (the best round by --stop-metric) beside model/ even without early stopping")
     add_privacy_arguments(p)
+    add_run_arguments(p, run_config_help="more run config keys (see README), or a TOML file of them (as "
+                      "`fedpriv tune` writes)")
+    p.set_defaults(func=run)
+
+
+def add_run_arguments(p, *, run_config_help: str) -> None:
+    """--run-config/--run-config-file, --quiet and --verbose (``fedpriv simulate`` and ``fedpriv tune``)."""
     p.add_argument("--run-config", "--run-config-file", default="", metavar='"k=v ..." | FILE.toml',
-                   help="more run config keys (see README), or a TOML file of them (as `fedpriv tune` writes)")
+                   help=run_config_help)
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--verbose", action="store_true", help="log what every component does (INFO)")
-    p.set_defaults(func=run)
 
 
 def add_data_arguments(p) -> None:
@@ -198,7 +204,7 @@ def _simulate(cfg, args: argparse.Namespace) -> int:
     display = RoundDisplay(console, cfg, quiet=args.quiet)
     run_sim(cfg, nodes_dir=nodes_dir, num_nodes=opts.nodes, progress=display)
     display.finish()
-    stopped = _stop_reason(out / "metrics.jsonl")
+    stopped = _stop_reason(out)
     if stopped:
         console.print(f"[yellow]{stopped}[/]")
     best = " best/," if (out / "best").is_dir() else ""
@@ -238,18 +244,11 @@ def _cross_validate(cfg, args: argparse.Namespace, opts, nodes_dir: Path, consol
     return 0
 
 
-def _stop_reason(metrics: Path) -> str:
+def _stop_reason(run_dir: Path) -> str:
     """Why the run stopped early, from metrics.jsonl ("" when it ran every round)."""
-    import json
+    from server.rundir import RunDir
 
-    if not metrics.exists():
-        return ""
-    for line in metrics.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            if row.get("stopped"):
-                return str(row["stopped"])
-    return ""
+    return next((str(r["stopped"]) for r in RunDir(run_dir).read_metrics() if r.get("stopped")), "")
 
 
 class RoundDisplay:

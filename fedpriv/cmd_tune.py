@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedpriv.cmd_simulate import add_data_arguments, add_privacy_arguments
+from fedpriv.cmd_simulate import add_data_arguments, add_privacy_arguments, add_run_arguments
 
 ERR_OUT_EXISTS = "--out {out} already exists and is not empty; choose a new directory (a search is not resumed)"
 ERR_NO_BEST = "no trial completed ({failed} failed); see trials.jsonl for the reasons"
@@ -58,10 +58,8 @@ def register(sub) -> None:
     m.add_argument("--max-length", type=int, help="tokens per example (default 64)")
     m.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     add_privacy_arguments(p)
-    p.add_argument("--run-config", "--run-config-file", default="", metavar='"k=v ..." | FILE.toml',
-                   help="run config keys every trial shares (searched keys are overridden by the search)")
-    p.add_argument("--quiet", action="store_true", help="no progress display")
-    p.add_argument("--verbose", action="store_true", help="log what every component does (INFO)")
+    add_run_arguments(p, run_config_help="run config keys every trial shares (searched keys are overridden by "
+                      "the search)")
     p.set_defaults(func=run)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
+from server.rundir import RunDir
 from simulations.runner import nodes_ledger_epsilon
 
 SUMMARY_FILE = "cv.json"
@@ -47,13 +48,6 @@ def _fold_noise_seed(noise_seed: int, fold: int) -> int:
     return derived_seed(noise_seed, "cv-fold", fold)
 
 
-def _rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
 def _number(x: Any) -> float | None:
     if isinstance(x, bool) or not isinstance(x, int | float):
         return None
@@ -78,7 +72,7 @@ def summarize(out: Path, folds: int) -> dict[str, Any]:
     per_fold: list[dict[str, Any]] = []
     eps: dict[str, float] = {}
     for k in range(folds):
-        all_rows = _rows(out / f"fold-{k}")
+        all_rows = RunDir(out / f"fold-{k}").read_metrics()
         for r in all_rows:
             for node, e in (r.get("epsilon") or {}).items():
                 if (v := _number(e)) is not None:
