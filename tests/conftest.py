@@ -103,3 +103,13 @@ def toy_encoded(tokenizer, toy_texts):
     texts, labels = toy_texts
     ds = TextDataset(texts=texts, labels=labels, label_names=list(LABELS))
     return encode(ds, tokenizer, max_length=16)
+
+
+@pytest.fixture
+def server_task(monkeypatch, flower):
+    """What Flower's runtime sets in a ServerApp process before messages can be created (Message() reads it):
+    lets tests drive server.loop.run_federation and the ClientApp handlers in-process, without Ray."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)

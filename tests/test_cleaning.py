@@ -409,15 +409,6 @@ class DirectGrid:
         return replies
 
 
-@pytest.fixture
-def server_task(monkeypatch, flower):
-    """What Flower's runtime sets in a ServerApp process before messages can be created (Message() reads it)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-
-
 def test_counts_reach_the_run_directory_once_per_node(tmp_path, server_task, _one_torch_thread):
     from server.loop import run_federation
 
@@ -456,12 +447,11 @@ def test_counts_reach_the_run_directory_once_per_node(tmp_path, server_task, _on
     assert "## Data cleaning" in report and "| eval-data (server) | 4 | 3 |" in report
 
 
-def test_counts_stay_on_the_node_unless_it_opts_in(tmp_path, monkeypatch) -> None:
+def test_counts_stay_on_the_node_unless_it_opts_in(tmp_path, server_task) -> None:
     """The counts are exact statistics of private data: a node sends them only with share-cleaning-counts."""
     import json as _json
 
-    from flwr.app import Context, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.app import Context, Message, MessageType, RecordDict
 
     from client.app import handle_train
     from common.config import RunConfig
@@ -469,10 +459,6 @@ def test_counts_stay_on_the_node_unless_it_opts_in(tmp_path, monkeypatch) -> Non
     from server.loop import _config_record
     from simulations.runner import SimOptions, prepare_nodes
 
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    from flwr.app import Message, MessageType
 
     cfg = RunConfig(model="tiny", dp=False, clean="all", out=str(tmp_path / "run"))
     cfg, nodes_dir = prepare_nodes(cfg, SimOptions(nodes=1, synthetic_size=40), tmp_path / "run")

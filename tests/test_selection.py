@@ -115,18 +115,7 @@ def _array(v):
     return Array(np.ascontiguousarray(v))
 
 
-@pytest.fixture()
-def task_identity(flower):
-    """Flower 1.42 Messages need the process's task identity (set by Flower's runtime in real runs)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
-def test_round_loop_stops_early_and_keeps_the_best_round(tmp_path, task_identity) -> None:
+def test_round_loop_stops_early_and_keeps_the_best_round(tmp_path, server_task) -> None:
     from common.config import RunConfig
     from common.model import ModelSpec, build_model, load_classifier, trainable_state
     from server.loop import run_federation
@@ -161,7 +150,7 @@ def test_round_loop_stops_early_and_keeps_the_best_round(tmp_path, task_identity
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 4
 
 
-def test_report_has_per_class_metrics_and_confusion_matrix(tmp_path, task_identity) -> None:
+def test_report_has_per_class_metrics_and_confusion_matrix(tmp_path, server_task) -> None:
     from common.config import RunConfig
     from server.loop import run_federation
 
@@ -204,7 +193,7 @@ class DpTrainScriptedEval(ScriptedGrid):
         return out + (super().send_and_receive(rest) if rest else [])
 
 
-def test_early_stopping_under_dp_ends_the_ledgers(tmp_path, task_identity) -> None:
+def test_early_stopping_under_dp_ends_the_ledgers(tmp_path, server_task) -> None:
     from common.audit import audit_run
     from common.config import RunConfig
     from server.loop import run_federation
@@ -260,7 +249,7 @@ def test_unknown_or_unavailable_metric_is_refused_before_any_round() -> None:
         resolve_metric("f1", has_eval_data=False)
 
 
-def test_best_is_not_written_from_weights_of_an_uncommitted_round(tmp_path, task_identity) -> None:
+def test_best_is_not_written_from_weights_of_an_uncommitted_round(tmp_path, server_task) -> None:
     import shutil
 
     from common.config import RunConfig
