@@ -9,6 +9,10 @@ JSON printed at the end holds the side-by-side ratios. Per part:
   the median is reported too. Alternating in one process keeps both variants under the same machine load;
 * memory: one fresh subprocess per variant (warm-up + one epoch), so its peak RSS is that variant's alone.
 
+For ghost-clipping parts a third variant, ``dp_opacus``, runs the same DP step with Opacus' own two-pass
+ghost clipping in the same alternation, so the speed-up of fedpriv's trimmed first pass (client/ghost.py) is
+measured side by side (``speedup_vs_opacus_ghost``).
+
 Parts are ``full`` (ghost clipping), ``head`` (the product default: classifier + pooler, top-k-layers 0),
 ``head:K`` (also the top K encoder layers) and ``lora``; ``PART:K:MODE`` forces a grad-sample mode.
 
@@ -66,7 +70,10 @@ def worker(args: argparse.Namespace) -> None:
     settings = TrainSettings(epochs=1, batch_size=args.batch_size, max_physical_batch_size=phys,
                              learning_rate=1e-4, weight_decay=0.0, warmup_ratio=0.0, seed=0)
     dp = DpSettings(noise_multiplier=1.0, clipping_norm=1.0, grad_sample_mode=mode, noise_seed=0)
-    variants = {"non_private": None, "dp": dp}
+    # dp_opacus: the same DP step with Opacus' own two-pass ghost clipping, for the side-by-side speed-up
+    variants = {"non_private": None, "dp": dp,
+                "dp_opacus": DpSettings(noise_multiplier=1.0, clipping_norm=1.0, grad_sample_mode="ghost-opacus",
+                                        noise_seed=0)}
     names = args.variants.split(",")
     cpu = torch.device("cpu")
     # Warm-up epoch of each variant outside the timing (first-call imports, allocations, kernel selection).
@@ -132,7 +139,9 @@ def main() -> None:
     for spec in args.parts.split(","):
         part, k, mode = parse_part(spec)
         load_start = _loadavg()
-        thr = _run_worker(args, spec, "non_private,dp", args.steps, args.repeats)
+        ghost = mode == "ghost"
+        thr = _run_worker(args, spec, "non_private,dp,dp_opacus" if ghost else "non_private,dp", args.steps,
+                          args.repeats)
         mem = {v: _run_worker(args, spec, v, args.memory_steps, 1) for v in ("non_private", "dp")}
         np_, dp_ = thr["variants"]["non_private"], thr["variants"]["dp"]
         row = {
@@ -149,6 +158,12 @@ def main() -> None:
             "target_throughput_ratio": 0.6 if part == "full" else 0.9,
             "loadavg_start_end": [load_start, _loadavg()],
         }
+        if ghost:  # fedpriv's trimmed ghost clipping vs Opacus' own, same process, alternating
+            op = thr["variants"]["dp_opacus"]
+            row["dp_opacus_ghost"] = {"samples_per_s": round(op["samples_per_s_best"], 2),
+                                      "samples_per_s_median": round(op["samples_per_s_median"], 2), "runs": op["runs"]}
+            row["opacus_ghost_throughput_ratio"] = round(op["samples_per_s_best"] / np_["samples_per_s_best"], 3)
+            row["speedup_vs_opacus_ghost"] = round(dp_["samples_per_s_best"] / op["samples_per_s_best"], 3)
         row["meets_targets"] = (row["throughput_ratio"] >= row["target_throughput_ratio"]
                                 and row["memory_ratio"] <= 1.3)
         results[spec] = row

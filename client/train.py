@@ -2,8 +2,9 @@
 
 DP-SGD (Abadi et al. 2016) as Opacus implements it: Poisson sampling with rate q = 1/ceil(n/B), per-sample
 gradient clipping to L2 norm C, Gaussian noise N(0, (σC)^2) added to the summed clipped gradients. Full
-fine-tuning uses ghost clipping (Li et al. 2022; ``grad_sample_mode="ghost"``), the ``head`` and ``lora``
-parts use per-sample hooks. ``BatchMemoryManager`` caps the physical batch so memory stays bounded while the
+fine-tuning uses ghost clipping (Li et al. 2022; ``grad_sample_mode="ghost"``, with the first of its two
+backward passes trimmed by :mod:`client.ghost`), the ``head`` and ``lora`` parts use per-sample hooks.
+``BatchMemoryManager`` caps the physical batch so memory stays bounded while the
 logical (privacy-relevant) batch keeps its expected size B.
 
 This module knows nothing of Flower or of budgets: callers pass the noise multiplier and read back the
@@ -36,7 +37,7 @@ class TrainSettings:
 class DpSettings:
     noise_multiplier: float
     clipping_norm: float
-    grad_sample_mode: str  # "ghost" (full) or "hooks"
+    grad_sample_mode: str  # "ghost" (fedpriv's trimmed ghost clipping), "ghost-opacus" (Opacus' own) or "hooks"
     noise_seed: int | None  # None: noise generator seeded from OS entropy
 
 
@@ -134,8 +135,11 @@ def train_local(model, enc: Encoded, *, settings: TrainSettings, device, pad_id:
 def _train_dp(model, loader, optimizer, *, settings: TrainSettings, device, dp: DpSettings, start: float,
               steps_per_epoch: int, total_steps: int, PrivacyEngine, BatchMemoryManager) -> TrainResult:  # noqa: N803
     import time
+    from contextlib import nullcontext
 
     import torch
+
+    from client.ghost import fast_linear_norms, ghost_backward
 
     loss_sum, correct, seen = 0.0, 0, 0
 
@@ -144,6 +148,10 @@ def _train_dp(model, loader, optimizer, *, settings: TrainSettings, device, dp: 
     noise_gen.manual_seed(seed)
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     criterion = torch.nn.CrossEntropyLoss(reduction="mean")
+    # "ghost": Opacus' ghost clipping with client.ghost's trimmed first pass and Linear norms;
+    # "ghost-opacus": Opacus' own two passes (benchmarks compare the two side by side).
+    fast_ghost = dp.grad_sample_mode == "ghost"
+    opacus_mode = "ghost" if dp.grad_sample_mode.startswith("ghost") else dp.grad_sample_mode
     wrapped = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -153,9 +161,9 @@ def _train_dp(model, loader, optimizer, *, settings: TrainSettings, device, dp: 
         max_grad_norm=dp.clipping_norm,
         poisson_sampling=True,
         noise_generator=noise_gen,
-        grad_sample_mode=dp.grad_sample_mode,
+        grad_sample_mode=opacus_mode,
     )
-    if dp.grad_sample_mode == "ghost":
+    if opacus_mode == "ghost":
         private_model, dp_optimizer, dp_criterion, dp_loader = wrapped
     else:
         private_model, dp_optimizer, dp_loader = wrapped
@@ -163,7 +171,8 @@ def _train_dp(model, loader, optimizer, *, settings: TrainSettings, device, dp: 
     sample_rate = 1.0 / steps_per_epoch
     scheduler = _schedule(dp_optimizer.original_optimizer, total_steps, settings.warmup_ratio)
     with BatchMemoryManager(data_loader=dp_loader, max_physical_batch_size=settings.max_physical_batch_size,
-                            optimizer=dp_optimizer) as mem_loader:
+                            optimizer=dp_optimizer) as mem_loader, \
+            (fast_linear_norms() if fast_ghost else nullcontext()):
         for _ in range(settings.epochs):
             for b_ids, b_mask, b_y in mem_loader:
                 if len(b_y) == 0:
@@ -177,7 +186,10 @@ def _train_dp(model, loader, optimizer, *, settings: TrainSettings, device, dp: 
                 y = b_y.to(device)
                 logits = _forward(private_model, b_ids, b_mask, device)
                 loss = dp_criterion(logits, y)
-                loss.backward()
+                if fast_ghost:
+                    ghost_backward(loss)  # Opacus' two passes without the discarded weight gradients
+                else:
+                    loss.backward()
                 dp_optimizer.step()
                 if not dp_optimizer._is_last_step_skipped:
                     scheduler.step()
