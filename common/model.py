@@ -132,6 +132,10 @@ def select_trainable(model, spec: ModelSpec):
             for p in m.parameters():
                 p.requires_grad_(True)
         return model
+    if spec.train_part == "classifier":
+        for p in model.classifier.parameters():
+            p.requires_grad_(True)
+        return model
     if spec.train_part == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 
@@ -144,7 +148,7 @@ def select_trainable(model, spec: ModelSpec):
             modules_to_save=["classifier"],
         )
         return get_peft_model(model, cfg)
-    raise ValueError(f"train part must be one of full, head, lora; got {spec.train_part!r}")
+    raise ValueError(f"train part must be one of full, head, lora, classifier; got {spec.train_part!r}")
 
 
 def _clean_key(key: str) -> str:

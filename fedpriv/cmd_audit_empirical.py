@@ -34,7 +34,7 @@ def register(sub) -> None:
     c.add_argument("--confidence", type=float, default=0.95)
     m = p.add_argument_group("training (one node, the ClientApp's DP-SGD code)")
     m.add_argument("--model", default="tiny", help="tiny (default), minilm, or a local Hugging Face directory")
-    m.add_argument("--train-part", choices=("full", "head", "lora"), default="full")
+    m.add_argument("--train-part", choices=("full", "head", "lora", "classifier"), default="full")
     m.add_argument("--epochs", type=int, default=5)
     m.add_argument("--batch-size", type=int, default=32)
     m.add_argument("--lr", type=float, default=1e-3, dest="learning_rate")

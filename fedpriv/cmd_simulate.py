@@ -30,7 +30,8 @@ def register(sub) -> None:
                    "OUT/fold-k; mean and spread in OUT/cv.json (with DP the folds share each node's budget)")
     m = p.add_argument_group("model and training")
     m.add_argument("--model", help="minilm (default, offline), tiny, or a local Hugging Face directory")
-    m.add_argument("--train-part", choices=("full", "head", "lora"), help="what trains (default head)")
+    m.add_argument("--train-part", choices=("full", "head", "lora", "classifier"),
+                   help="what trains (default head: classifier + pooler; classifier: the output layer alone)")
     m.add_argument("--top-k-layers", type=int, help="with --train-part head: also train the top k layers (default 0)")
     m.add_argument("--local-epochs", type=int, help="local epochs per round (default 1)")
     m.add_argument("--batch-size", type=int, help="(expected) batch size (default 64)")

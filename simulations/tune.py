@@ -52,7 +52,7 @@ DEFAULT_SPACE: dict[str, Any] = {
     "learning-rate": {"low": 0.1, "high": 10.0, "log": True, "relative": True},
     "local-epochs": {"low": 1, "high": 3},
     "clipping-norm": {"low": 0.1, "high": 10.0, "log": True},
-    "train-part": {"choices": ["head", "lora"]},
+    "train-part": {"choices": ["head", "lora"]},  # classifier and full: name them in --space
     "batch-size": {"choices": [16, 32, 64]},
 }
 

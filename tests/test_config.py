@@ -117,7 +117,7 @@ def test_out_of_range_names_key_range_and_value(key, raw, allowed):
     ("key", "raw", "choices"),
     [
         ("aggregation", "mean", "fedavg, fedmedian, trimmed-mean, krum"),
-        ("train-part", "all", "full, head, lora"),
+        ("train-part", "all", "full, head, lora, classifier"),
         ("accountant", "gdp", "prv, rdp"),
         ("device", "gpu", "auto, cpu, cuda, cuda:N"),
     ],
@@ -225,6 +225,7 @@ def test_effective_learning_rate_by_part():
     assert RunConfig(train_part="lora").effective_learning_rate == 1e-3
     assert RunConfig(train_part="head", top_k_layers=1).effective_learning_rate == 5e-4
     assert RunConfig(train_part="head").effective_learning_rate == 2e-2
+    assert RunConfig(train_part="classifier").effective_learning_rate == 5e-2
 
 
 def test_label_names():

@@ -87,7 +87,7 @@ def test_unknown_source_and_part(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_classifier(tmp_path)
     model = build_model(ModelSpec("tiny", ("a", "b"), train_part="full"))
-    with pytest.raises(ValueError, match="train part must be one of full, head, lora; got 'all'"):
+    with pytest.raises(ValueError, match="train part must be one of full, head, lora, classifier; got 'all'"):
         select_trainable(model, ModelSpec("tiny", ("a", "b"), train_part="all"))
 
 
@@ -111,6 +111,12 @@ def test_full_trains_everything(make_model):
 def test_head_is_classifier_and_pooler_only(make_model):
     model = make_model("head", 0)
     assert set(trainable_names(model)) == HEAD
+
+
+def test_classifier_is_the_output_layer_only(make_model):
+    model = make_model("classifier", 0)
+    assert set(trainable_names(model)) == {"classifier.weight", "classifier.bias"}
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * (TINY_CONFIG["hidden_size"] + 1)
 
 
 @pytest.mark.parametrize("k", [1, 2, 5])
@@ -142,7 +148,7 @@ def test_lora_is_adapters_and_classifier_only(make_model):
 # --------------------------------------------------------------------------------------------- transport
 
 
-@pytest.mark.parametrize(("part", "k"), [("full", 0), ("head", 0), ("head", 1), ("lora", 0)])
+@pytest.mark.parametrize(("part", "k"), [("full", 0), ("head", 0), ("head", 1), ("lora", 0), ("classifier", 0)])
 def test_trainable_state_round_trips_exactly_through_array_record(make_model, flower, part, k):
     src = make_model(part, k)
     perturb(src, seed=1)
