@@ -14,12 +14,12 @@ ghost clipping in the same alternation, so the speed-up of fedpriv's trimmed fir
 measured side by side (``speedup_vs_opacus_ghost``).
 
 Parts are ``full`` (ghost clipping), ``head`` (the product default: classifier + pooler, top-k-layers 0),
-``head:K`` (also the top K encoder layers) and ``lora``; ``PART:K:MODE`` forces a grad-sample mode.
+``classifier`` (the output layer alone), ``head:K`` (also the top K encoder layers) and ``lora``; ``PART:K:MODE`` forces a grad-sample mode.
 
     python benchmarks/dp_overhead.py                   # MiniLM, seq 64, batch 32 (about 15 min on 2 cores)
     python benchmarks/dp_overhead.py --model tiny --steps 2 --repeats 1   # quick check
 
-Targets (issue "Local DP-SGD ..."): DP >= 0.9x non-private throughput for head and lora, >= 0.6x for full
+Targets (issue "Local DP-SGD ..."): DP >= 0.9x non-private throughput for head, classifier and lora, >= 0.6x for full
 with ghost clipping, DP peak memory <= 1.3x non-private.
 """
 
@@ -127,7 +127,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="alternating non-private/DP epochs for throughput")
     ap.add_argument("--memory-steps", type=int, default=2, help="logical batches in each memory subprocess")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--parts", default="full,head,head:2,lora")
+    ap.add_argument("--parts", default="full,head,classifier,lora,head:2")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--part", default="head", help=argparse.SUPPRESS)
     ap.add_argument("--variants", default="non_private,dp", help=argparse.SUPPRESS)

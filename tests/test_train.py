@@ -86,7 +86,7 @@ def test_empty_dataset_raises(make_model, use_dp):
 # --------------------------------------------------------------------------------------------- DP = plain
 
 
-@pytest.mark.parametrize(("part", "mode"), [("head", "hooks"), ("lora", "hooks"), ("full", "ghost")])
+@pytest.mark.parametrize(("part", "mode"), [("head", "hooks"), ("classifier", "hooks"), ("lora", "hooks"), ("full", "ghost")])
 def test_dp_with_no_noise_and_unbinding_clip_equals_plain_training(make_model, toy_encoded, part, mode):
     """Opacus' ``_compare_to_vanilla``, on the exact batches.
 
@@ -274,8 +274,8 @@ def test_ghost_clipping_wherever_encoder_layers_train(tokenizer) -> None:
     from common.model import ModelSpec, build_model, trainable_state
     from simulations.synthetic import make_synthetic
 
-    assert [grad_sample_mode_for(p, k) for p, k in (("full", 0), ("head", 1), ("head", 0), ("lora", 0))] == \
-        ["ghost", "ghost", "hooks", "hooks"]
+    assert [grad_sample_mode_for(p, k) for p, k in (("full", 0), ("head", 1), ("head", 0), ("lora", 0),
+                                                   ("classifier", 0))] == ["ghost", "ghost", "hooks", "hooks", "hooks"]
     model = build_model(ModelSpec(source="tiny", labels=("negative", "positive"), train_part="head", top_k_layers=1))
     before = trainable_state(model)
     res = train_local(model, encode(make_synthetic(32, seed=0), tokenizer, max_length=16), device=torch.device("cpu"),
