@@ -9,8 +9,8 @@ gradient (``a^T g``, about half of a transformer's backward FLOPs) only to zero 
 :func:`ghost_backward` runs the first pass with ``torch.autograd.grad`` towards the *cheap* trainable tensors
 only (biases, LayerNorm and embedding weights): autograd then still propagates the output gradient through
 every layer, so every Opacus hook fires, but skips the weight-gradient products nobody reads. The second pass
-is Opacus' own. It checks that every trainable tensor got a fresh per-example norm in the first pass and
-raises otherwise: a stale or missing norm would clip with the wrong factor, which is a privacy failure, not
+is Opacus' own. It clears every norm before the first pass, checks that every trainable tensor got a fresh
+per-example norm in it (and that no trainable tensor is shared between modules), and raises otherwise: a stale or missing norm would clip with the wrong factor, which is a privacy failure, not
 a slowdown.
 
 :func:`fast_linear_norms` registers a ``nn.Linear`` norm sampler that computes each example's
@@ -21,11 +21,16 @@ gradients in ``tests/test_ghost.py``; ``benchmarks/dp_overhead.py`` measures the
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+_lock = threading.Lock()
+_users = 0  # open fast_linear_norms() blocks
+_previous = None  # the sampler they replaced
 
 
 def linear_norm_sample(layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor
@@ -47,7 +52,7 @@ def linear_norm_sample(layer: nn.Linear, activations: list[torch.Tensor], backpr
         if layer.bias is not None and layer.bias.requires_grad:
             out[layer.bias] = torch.sqrt(g_sq)
         return out
-    if g.dim() != 3:  # Opacus flattens other shapes before calling norm samplers; refuse rather than guess
+    if g.dim() != 3:  # Opacus' own sampler silently returns no norm here (a stale one would be used): refuse
         raise ValueError(f"linear_norm_sample expects 2-D or 3-D output gradients, got shape {tuple(g.shape)}")
     if layer.weight.requires_grad:
         ggt = torch.bmm(g, g.transpose(1, 2))
@@ -61,19 +66,27 @@ def linear_norm_sample(layer: nn.Linear, activations: list[torch.Tensor], backpr
 @contextmanager
 def fast_linear_norms() -> Iterator[None]:
     """Use :func:`linear_norm_sample` as Opacus' ghost-clipping norm sampler for ``nn.Linear`` inside the
-    block (Opacus keeps norm samplers in one class-level registry); the previous sampler is restored after."""
+    block (Opacus keeps norm samplers in one class-level registry). Nested or concurrent blocks share one
+    installation; the previous sampler comes back when the last block exits, also on an exception."""
     from opacus.grad_sample import GradSampleModuleFastGradientClipping as Gsm
 
+    global _users, _previous
     registry = Gsm.NORM_SAMPLERS
-    previous = registry.get(nn.Linear)
-    registry[nn.Linear] = linear_norm_sample
+    with _lock:
+        if _users == 0:
+            _previous = registry.get(nn.Linear)
+            registry[nn.Linear] = linear_norm_sample
+        _users += 1
     try:
         yield
     finally:
-        if previous is None:
-            registry.pop(nn.Linear, None)
-        else:
-            registry[nn.Linear] = previous
+        with _lock:
+            _users -= 1
+            if _users == 0:
+                if _previous is None:
+                    registry.pop(nn.Linear, None)
+                else:
+                    registry[nn.Linear] = _previous
 
 
 def cheap_inputs(module: nn.Module) -> list[nn.Parameter]:
@@ -81,6 +94,21 @@ def cheap_inputs(module: nn.Module) -> list[nn.Parameter]:
     trainable except Linear weights (in a BERT classifier: biases, LayerNorm and embedding weights)."""
     linear_weights = {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
     return [p for p in module.parameters() if p.requires_grad and id(p) not in linear_weights]
+
+
+def _check_no_shared_parameters(gsm) -> None:
+    """A tensor used by two modules gets one norm per module from Opacus' hooks, the last overwriting the
+    others (fresh, but only part of the example's gradient): refuse such models. Checked once per wrapper."""
+    if getattr(gsm, "_fedpriv_sharing_checked", False):
+        return
+    owners: dict[int, str] = {}
+    for name, module in gsm.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if p.requires_grad and id(p) in owners:
+                raise RuntimeError(f"ghost clipping: trainable tensor {name}.{pname} is also {owners[id(p)]}; "
+                                   "per-example norms of shared tensors are not supported")
+            owners.setdefault(id(p), f"{name}.{pname}")
+    gsm._fedpriv_sharing_checked = True
 
 
 def ghost_backward(loss) -> None:
@@ -95,11 +123,10 @@ def ghost_backward(loss) -> None:
     else:
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss.loss_reduction!r}")
     params = list(gsm.trainable_parameters)
-    inputs = cheap_inputs(gsm)
-    if not inputs:  # nothing cheap to aim at (e.g. only bias-free Linear layers train): Opacus' own two passes
-        loss.backward()
-        return
-    for p in params:
+    _check_no_shared_parameters(gsm)
+    # Nothing cheap to aim at (only bias-free Linear layers train): aim at everything, still checked below.
+    inputs = cheap_inputs(gsm) or params
+    for p in params:  # last step's norms must never be mistaken for this step's
         p._norm_sample = None
     torch.autograd.grad(reduced, inputs, retain_graph=True, allow_unused=True)
     n = per_sample.shape[0]

@@ -150,8 +150,11 @@ def _train_dp(model, loader, optimizer, *, settings: TrainSettings, device, dp: 
     criterion = torch.nn.CrossEntropyLoss(reduction="mean")
     # "ghost": Opacus' ghost clipping with client.ghost's trimmed first pass and Linear norms;
     # "ghost-opacus": Opacus' own two passes (benchmarks compare the two side by side).
+    modes = {"ghost": "ghost", "ghost-opacus": "ghost", "hooks": "hooks"}
+    if dp.grad_sample_mode not in modes:
+        raise ValueError(f"grad_sample_mode must be one of {', '.join(modes)}; got {dp.grad_sample_mode!r}")
     fast_ghost = dp.grad_sample_mode == "ghost"
-    opacus_mode = "ghost" if dp.grad_sample_mode.startswith("ghost") else dp.grad_sample_mode
+    opacus_mode = modes[dp.grad_sample_mode]
     wrapped = engine.make_private(
         module=model,
         optimizer=optimizer,

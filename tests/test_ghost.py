@@ -174,3 +174,82 @@ def test_dp_training_with_fast_ghost_equals_opacus_ghost_step_for_step(make_mode
     moved = max(float((fast[k] - p.detach()).abs().max()) for k, p in base.named_parameters() if k in fast)
     assert moved > 1e-3
     assert max(float((fast[k] - theirs[k]).abs().max()) for k in fast) < ATOL
+
+
+class Branchy(nn.Module):
+    """Embedding -> optional Linear ``a`` -> Linear ``b``: ``a`` can be left out of a step."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.a, self.b = nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.use_a = True
+
+    def forward(self, x):
+        h = self.emb(x).mean(1)
+        return self.b(self.a(h) if self.use_a else h)
+
+
+def test_ghost_backward_never_reuses_last_steps_norms():
+    """Step 1 uses every tensor; step 2 skips ``a``, whose hook then does not fire. Its norm from step 1 is
+    still on the tensor: it must not be taken for step 2's (Opacus' own path would silently use it)."""
+    torch.manual_seed(0)
+    model = Branchy().double()
+    gsm, opt, crit = ghost_setup(model, 1.0, 4)
+    gsm.train()
+    x, y = torch.randint(0, 10, (4, 3)), torch.tensor([0, 1, 0, 1])
+    ghost_backward(crit(gsm(x), y))  # step 1: every norm fresh
+    assert all(p._norm_sample is not None for p in gsm.trainable_parameters)
+    model.use_a = False
+    opt.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="no per-example norm for 2 of 5 trainable tensors"):
+        ghost_backward(crit(gsm(x), y))
+    gsm._close()
+
+
+def test_ghost_backward_refuses_shared_trainable_tensors():
+    """Opacus refuses tying between two norm-sampled modules at forward time, but not a Linear bias shared
+    with a LayerNorm weight (per-sample-gradient module): each would report a norm of its own part only."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
+    model[1].weight = model[0].bias  # tied
+    gsm, opt, crit = ghost_setup(model, 1.0, 3)
+    gsm.train()
+    with pytest.raises(RuntimeError, match=r"trainable tensor _module\.1\.weight is also _module\.0\.bias"):
+        ghost_backward(crit(gsm(torch.randn(3, 4, dtype=torch.float64)), torch.tensor([0, 1, 2])))
+    gsm._close()
+
+
+def test_ghost_backward_with_only_bias_free_linears_aims_at_every_tensor_and_matches_opacus():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 5, bias=False), nn.Tanh(), nn.Linear(5, 2, bias=False)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1, 0])
+    grads = []
+    for ours in (True, False):
+        gsm, opt, crit = ghost_setup(copy.deepcopy(base), 0.1, 6)
+        gsm.train()
+        loss = crit(gsm(x), y)
+        ghost_backward(loss) if ours else loss.backward()
+        grads.append([p.grad.clone() for p in gsm.parameters()])
+        gsm._close()
+    assert all(torch.allclose(a, b, atol=ATOL, rtol=0) for a, b in zip(*grads, strict=True))
+
+
+def test_fast_linear_norms_nests_and_restores_once():
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping as Gsm
+    from opacus.grad_sample.linear import compute_linear_norm_sample
+
+    with fast_linear_norms():
+        with fast_linear_norms():
+            assert Gsm.NORM_SAMPLERS[nn.Linear] is linear_norm_sample
+        assert Gsm.NORM_SAMPLERS[nn.Linear] is linear_norm_sample  # the outer block still needs it
+    assert Gsm.NORM_SAMPLERS[nn.Linear] is compute_linear_norm_sample
+
+
+def test_unknown_grad_sample_mode_is_an_error(make_model, toy_encoded):
+    from client.train import DpSettings, TrainSettings, train_local
+
+    with pytest.raises(ValueError, match="grad_sample_mode must be one of ghost, ghost-opacus, hooks; got 'ghostx'"):
+        train_local(make_model("full"), toy_encoded, device=CPU,
+                    settings=TrainSettings(epochs=1, batch_size=8, max_physical_batch_size=8, learning_rate=1e-3,
+                                           weight_decay=0.0, warmup_ratio=0.0, seed=0),
+                    dp=DpSettings(noise_multiplier=1.0, clipping_norm=1.0, grad_sample_mode="ghostx", noise_seed=0))
