@@ -14,13 +14,14 @@ ghost clipping in the same alternation, so the speed-up of fedpriv's trimmed fir
 measured side by side (``speedup_vs_opacus_ghost``).
 
 Parts are ``full`` (ghost clipping), ``head`` (the product default: classifier + pooler, top-k-layers 0),
-``classifier`` (the output layer alone), ``head:K`` (also the top K encoder layers) and ``lora``; ``PART:K:MODE`` forces a grad-sample mode.
+``classifier`` (the output layer alone), ``head:K`` (also the top K encoder layers) and ``lora``;
+``PART:K:MODE`` forces a grad-sample mode.
 
     python benchmarks/dp_overhead.py                   # MiniLM, seq 64, batch 32 (about 15 min on 2 cores)
     python benchmarks/dp_overhead.py --model tiny --steps 2 --repeats 1   # quick check
 
-Targets (issue "Local DP-SGD ..."): DP >= 0.9x non-private throughput for head, classifier and lora, >= 0.6x for full
-with ghost clipping, DP peak memory <= 1.3x non-private.
+Targets (issue "Local DP-SGD ..."): DP >= 0.9x non-private throughput for head, classifier and lora, >= 0.6x
+for full with ghost clipping, DP peak memory <= 1.3x non-private.
 """
 
 from __future__ import annotations

@@ -48,9 +48,8 @@ def run_setting(eps: float, args: argparse.Namespace, tmp: Path, train: Path) ->
     cmd = [sys.executable, "-m", "fedpriv", "simulate", "--data", str(train),
            "--eval-data", str(Path(args.data_dir) / "dev.tsv"), "--text-col", "sentence", "--label-col", "label",
            "--model", args.model, "--train-part", args.train_part, "--nodes", "4", "--partition", "dirichlet",
-           "--alpha", "1", "--rounds", str(args.rounds), "--local-epochs", str(args.local_epochs), "--out", str(out),
-           "--quiet",
-           "--seed", "0", "--run-config", args.run_config]
+           "--alpha", "1", "--rounds", str(args.rounds), "--local-epochs", str(args.local_epochs),
+           "--out", str(out), "--quiet", "--seed", "0", "--run-config", args.run_config]
     if args.lr > 0:
         cmd += ["--lr", str(args.lr)]
     if math.isinf(eps):

@@ -10,8 +10,8 @@ gradient (``a^T g``, about half of a transformer's backward FLOPs) only to zero 
 only (biases, LayerNorm and embedding weights): autograd then still propagates the output gradient through
 every layer, so every Opacus hook fires, but skips the weight-gradient products nobody reads. The second pass
 is Opacus' own. It clears every norm before the first pass, checks that every trainable tensor got a fresh
-per-example norm in it (and that no trainable tensor is shared between modules), and raises otherwise: a stale or missing norm would clip with the wrong factor, which is a privacy failure, not
-a slowdown.
+per-example norm in it (and that no trainable tensor is shared between modules), and raises otherwise: a
+stale or missing norm would clip with the wrong factor, which is a privacy failure, not a slowdown.
 
 :func:`fast_linear_norms` registers a ``nn.Linear`` norm sampler that computes each example's
 output-gradient Gram matrix once (Opacus' builds it twice, for the weight and again for the bias) and the bias

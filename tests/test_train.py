@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.train import DpSettings, TrainSettings, planned_dp_steps, train_local
+from client.train import DpSettings, TrainSettings, grad_sample_mode_for, planned_dp_steps, train_local
 from common.data import Encoded
 from common.inference import forward, predict, tensors
 
@@ -86,7 +86,8 @@ def test_empty_dataset_raises(make_model, use_dp):
 # --------------------------------------------------------------------------------------------- DP = plain
 
 
-@pytest.mark.parametrize(("part", "mode"), [("head", "hooks"), ("classifier", "hooks"), ("lora", "hooks"), ("full", "ghost")])
+@pytest.mark.parametrize(("part", "mode"),
+                         [("head", "hooks"), ("classifier", "hooks"), ("lora", "hooks"), ("full", "ghost")])
 def test_dp_with_no_noise_and_unbinding_clip_equals_plain_training(make_model, toy_encoded, part, mode):
     """Opacus' ``_compare_to_vanilla``, on the exact batches.
 
@@ -239,50 +240,40 @@ def test_dp_batch_sampling_is_secret_unless_the_noise_seed_is_fixed() -> None:
 
 
 @pytest.mark.parametrize("part", ["head", "full"])
-def test_empty_poisson_batches_still_make_a_noisy_step(part, tokenizer) -> None:
+def test_empty_poisson_batches_still_make_a_noisy_step(part, make_model, tokenizer) -> None:
     """Every planned Poisson draw is a noisy optimizer step, also an empty one (q = 1/8 over 8 examples makes
     about a third of the draws empty); skipping them would reveal that no record was drawn."""
-    import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from client.train import DpSettings, TrainSettings, train_local
     from common.data import encode
-    from common.model import ModelSpec, build_model
     from simulations.synthetic import make_synthetic
 
     enc = encode(make_synthetic(8, seed=0), tokenizer, max_length=16)
-    model = build_model(ModelSpec(source="tiny", labels=("negative", "positive"), train_part=part, top_k_layers=0))
     steps = []
     handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: steps.append(1))
     try:
-        res = train_local(model, enc, device=torch.device("cpu"),
-                          settings=TrainSettings(epochs=3, batch_size=1, max_physical_batch_size=4, learning_rate=1e-3,
-                                                 weight_decay=0.0, warmup_ratio=0.0, seed=1),
-                          dp=DpSettings(noise_multiplier=1.0, clipping_norm=1.0,
-                                        grad_sample_mode="ghost" if part == "full" else "hooks", noise_seed=0))
+        res = train_local(make_model(part, 0), enc, device=CPU,
+                          settings=settings(1, epochs=3, max_physical_batch_size=4, learning_rate=1e-3,
+                                            weight_decay=0.0, seed=1),
+                          dp=dp(1.0, noise=1.0, mode=grad_sample_mode_for(part)))
     finally:
         handle.remove()
     assert res.steps == 24 and len(steps) == 24
     assert res.examples_seen < 24 + 12  # many draws were empty (expected 24 * (7/8)^8 ~ 8)
 
 
-def test_ghost_clipping_wherever_encoder_layers_train(tokenizer) -> None:
-    import torch
-
-    from client.train import DpSettings, TrainSettings, grad_sample_mode_for, train_local
+def test_ghost_clipping_wherever_encoder_layers_train(make_model, tokenizer) -> None:
     from common.data import encode
-    from common.model import ModelSpec, build_model, trainable_state
+    from common.model import trainable_state
     from simulations.synthetic import make_synthetic
 
     assert [grad_sample_mode_for(p, k) for p, k in (("full", 0), ("head", 1), ("head", 0), ("lora", 0),
                                                    ("classifier", 0))] == ["ghost", "ghost", "hooks", "hooks", "hooks"]
-    model = build_model(ModelSpec(source="tiny", labels=("negative", "positive"), train_part="head", top_k_layers=1))
+    model = make_model("head", 1)
     before = trainable_state(model)
-    res = train_local(model, encode(make_synthetic(32, seed=0), tokenizer, max_length=16), device=torch.device("cpu"),
-                      settings=TrainSettings(epochs=1, batch_size=8, max_physical_batch_size=8, learning_rate=1e-3,
-                                             weight_decay=0.0, warmup_ratio=0.0, seed=0),
-                      dp=DpSettings(noise_multiplier=1.0, clipping_norm=1.0, grad_sample_mode=grad_sample_mode_for(
-                          "head", 1), noise_seed=0))
+    res = train_local(model, encode(make_synthetic(32, seed=0), tokenizer, max_length=16), device=CPU,
+                      settings=settings(8, learning_rate=1e-3, weight_decay=0.0),
+                      dp=dp(1.0, noise=1.0, mode=grad_sample_mode_for("head", 1)))
     after = trainable_state(model)
     assert res.steps == 4 and all(np.isfinite(v).all() for v in after.values())
     assert any(not np.array_equal(before[k], after[k]) for k in before if ".layer.1." in k)  # the top layer trained
