@@ -19,5 +19,7 @@ simulate: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(ARGS)
 
+# ruff, then the import contract in pyproject.toml ([tool.importlinter]): no module imports a layer above it.
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports

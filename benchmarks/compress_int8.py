@@ -52,10 +52,16 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from common.compress import builtin_texts, measure_latency, quantize_int8, save_compressed, weight_files
     from common.data import Schema, load_dataset, observed_labels, sort_labels
-    from common.evaluation import evaluate_file, model_labels
-    from common.model import load_classifier
+    from serving.compress import (
+        builtin_texts,
+        load_classifier,
+        measure_latency,
+        quantize_int8,
+        save_compressed,
+        weight_files,
+    )
+    from serving.evaluation import evaluate_file, model_labels
 
     schema = Schema(args.text_col, args.label_col)
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -19,7 +19,23 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.budget import NodePrivacy, count_dict_to_json
+from client.count_noise import noisy_group_confusions
+from client.node import load_node_config, load_node_data, node_name
+from client.train import DpSettings, TrainSettings, grad_sample_mode_for, train_local
 from common.config import RunConfig
+from common.fairness import group_confusions
+from common.inference import predict
+from common.model import (
+    ModelSpec,
+    build_model,
+    choose_device,
+    from_array_record,
+    load_trainable,
+    to_array_record,
+    trainable_state,
+)
+from common.seeds import derived_seed
 
 log = logging.getLogger("fedpriv.client")
 
@@ -35,8 +51,6 @@ def _run_config(msg: Message) -> RunConfig:
 
 
 def _build_model(cfg: RunConfig, node):
-    from common.model import ModelSpec, build_model
-
     source = node.model_dir or cfg.model
     spec = ModelSpec(source=source, labels=tuple(cfg.label_names), train_part=cfg.train_part,
                      top_k_layers=cfg.top_k_layers, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
@@ -53,7 +67,6 @@ def _sampling_seed(cfg: RunConfig, name: str, server_round: int, *, private: boo
         import secrets
 
         return secrets.randbits(31)
-    from client.node import derived_seed
 
     return derived_seed(cfg.seed, name, server_round)  # not the run id: same seed, same run
 
@@ -63,16 +76,6 @@ def _error_reply(msg: Message, code: int, reason: str) -> Message:
 
 
 def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -> Message:
-    from client.node import NodePrivacy, derived_seed, load_node_config, load_node_data, node_name
-    from client.train import DpSettings, TrainSettings, grad_sample_mode_for, train_local
-    from common.model import (
-        choose_device,
-        from_array_record,
-        load_trainable,
-        to_array_record,
-        trainable_state,
-    )
-
     cfg = _run_config(msg)
     config = msg.content["config"]
     server_round = int(config["server-round"])
@@ -166,11 +169,6 @@ def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -
 
 
 def handle_evaluate(msg: Message, context: Context, *, sim_nodes_dir: str | None) -> Message:
-    from client.node import count_dict_to_json, derived_seed, load_node_config, load_node_data, node_name
-    from common.fairness import group_confusions, noisy_group_confusions
-    from common.inference import predict
-    from common.model import choose_device, from_array_record, load_trainable
-
     cfg = _run_config(msg)
     config = msg.content["config"]
     server_round = int(config["server-round"])
@@ -190,8 +188,6 @@ def handle_evaluate(msg: Message, context: Context, *, sim_nodes_dir: str | None
     info: dict[str, Any] = {"node": name, "count_noise_epsilon": 0.0}
     eps_counts = max(node.count_noise_epsilon, cfg.count_noise_epsilon)
     if eps_counts > 0:
-        from client.node import NodePrivacy
-
         # A count release is paid from the same budget as training and recorded in the same ledger.
         privacy = NodePrivacy(node, cfg, name=name, data=data)
         refusal = privacy.count_noise_refusal(eps_counts)

@@ -17,6 +17,7 @@ import math
 import os
 from dataclasses import dataclass
 
+from client.ghost import fast_linear_norms, ghost_backward
 from common.data import Encoded
 from common.inference import forward as _forward
 from common.inference import tensors as _tensors
@@ -139,7 +140,6 @@ def _train_dp(model, loader, optimizer, *, settings: TrainSettings, device, dp: 
 
     import torch
 
-    from client.ghost import fast_linear_norms, ghost_backward
 
     loss_sum, correct, seen = 0.0, 0, 0
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.cleaning import CleaningConfig
+
 TRAIN_PARTS = ("full", "head", "lora", "classifier")
 AGGREGATIONS = ("fedavg", "fedmedian", "trimmed-mean", "krum")
 ACCOUNTANTS = ("prv", "rdp")
@@ -263,8 +265,6 @@ class RunConfig:
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(ERR_CHOICE.format(key="device", choices="auto, cpu, cuda, cuda:N", value=self.device))
         if self.clean:
-            from common.cleaning import CleaningConfig
-
             try:
                 CleaningConfig.from_spec(self.clean)
             except ValueError as exc:  # names every unknown rule and lists the valid ones

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from common import crypto
+
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 MAX_REPORTED = 10  # problems listed per error before "... and N more"
 
@@ -210,7 +212,6 @@ def read_rows(raw: bytes, *, fmt: str, file: str) -> tuple[list[str], list[dict[
 
 def read_file_bytes(path: str | Path, *, key_source=None, require_encryption: bool = False) -> tuple[bytes, str]:
     """Return (plaintext bytes, format) of a dataset file; containers are decrypted in memory."""
-    from common import crypto
 
     path = Path(path)
     file = str(path)

@@ -6,11 +6,12 @@ Readers see the old file or the complete new one, never a partial write; a failu
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 @contextlib.contextmanager
@@ -50,3 +51,13 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str, *, mode: int | None = None) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically and durably (see :func:`atomic_output`)."""
+    atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
+
+
+def atomic_write_json(path: str | Path, data: Any, *, mode: int | None = None) -> None:
+    """Write ``data`` as one line of strict JSON (no NaN/Infinity) atomically and durably."""
+    atomic_write_text(path, json.dumps(data, allow_nan=False) + "\n", mode=mode)

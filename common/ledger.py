@@ -50,12 +50,12 @@ import math
 import os
 import re
 import stat
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.fsutil import atomic_write_bytes
 from common.fsutil import fsync_dir as _fsync_dir
 
 SCHEMA = 1
@@ -251,18 +251,7 @@ def _export_public_key(key, pub_path: Path, key_path: Path) -> None:
         if public_pem(load_public_key(pub_path)) != pem:
             raise ValueError(ERR_PUB_MISMATCH.format(file=pub_path, key=key_path))
         return
-    fd, tmp = tempfile.mkstemp(dir=pub_path.parent, prefix=f".{pub_path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, pub_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(pub_path.parent)
+    atomic_write_bytes(pub_path, pem, mode=0o644)
 
 
 def public_pem(public_key) -> bytes:
@@ -638,19 +627,7 @@ class Ledger:
 
     def _write_head(self, count: int, digest: str) -> None:
         head = {"count": count, "hash": digest, "signature": _b64(self._key.sign(_head_message(count, digest)))}
-        hp = self.head_path
-        fd, tmp = tempfile.mkstemp(dir=hp.parent, prefix=f".{hp.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(canonical(head) + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, hp)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(hp.parent)
+        atomic_write_bytes(self.head_path, canonical(head) + b"\n", mode=0o644)
 
 
 def _validated(fields: Mapping[str, Any]) -> dict[str, Any]:

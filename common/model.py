@@ -223,21 +223,17 @@ def save_pretrained(model, tokenizer, out_dir: Path) -> Path:
     return out_dir
 
 
-def load_classifier(path: str | Path, *, device: str = "auto"):
-    """Load a saved classifier directory (a run's ``model/`` or any HF dir) with its tokenizer.
+def load_pretrained_classifier(path: str | Path, *, device: str = "auto"):
+    """Load a saved float classifier directory (a run's ``model/`` or any HF dir) with its tokenizer.
 
-    A directory written by ``fedpriv compress`` (it holds ``fedpriv-compression.json``) is rebuilt by
-    :func:`common.compress.load_compressed`; an int8 one always lands on CPU.
+    Directories written by ``fedpriv compress`` need :func:`serving.compress.load_classifier`, which reads
+    both kinds.
     """
     from transformers import AutoTokenizer, BertForSequenceClassification
-
-    from common.compress import MARKER, load_compressed  # late: common.compress builds on this module
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(ERR_MODEL_DIR.format(path=path))
-    if (path / MARKER).is_file():
-        return load_compressed(path, device=device)
     model = BertForSequenceClassification.from_pretrained(str(path))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model.to(choose_device(device)).eval()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from audit.run import audit_run, write_reports
+
 
 def register(sub) -> None:
     p = sub.add_parser("audit", help="verify a run's privacy ledgers and recompute every ε independently",
@@ -23,7 +25,6 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from common.audit import audit_run, write_reports
 
     if not Path(args.run_dir).is_dir():
         print(f"fedpriv audit: {args.run_dir}: not a directory", file=sys.stderr)

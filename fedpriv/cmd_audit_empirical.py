@@ -10,6 +10,10 @@ import argparse
 import json
 import sys
 
+from audit.empirical import AuditSettings, plot_scores, run_audit
+from common.data import DataError, Schema, load_dataset, observed_labels
+from simulations.synthetic import make_synthetic
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -58,8 +62,6 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from common.data import DataError, Schema, load_dataset, observed_labels
-    from common.empirical_audit import AuditSettings, plot_scores, run_audit
 
     if args.data:
         schema = Schema(args.text_col, args.label_col, "")
@@ -69,8 +71,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"fedpriv audit empirical: {exc}", file=sys.stderr)
             return 2
     else:
-        from simulations.synthetic import make_synthetic
-
         base = make_synthetic(args.examples, seed=args.seed)
     s = AuditSettings(
         canaries=args.canaries, words_per_canary=args.words_per_canary, guesses_in=args.guesses_in,

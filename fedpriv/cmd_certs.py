@@ -13,6 +13,13 @@ import argparse
 import shlex
 import sys
 
+from deploy.certs import (
+    certificate_fingerprint,
+    create_node_keypair,
+    init_ca_and_server,
+    ssh_public_key_fingerprint,
+)
+
 PREFIX = "fedpriv certs: "
 
 
@@ -62,8 +69,6 @@ def _fail(exc: BaseException) -> int:
 
 
 def init(args: argparse.Namespace) -> int:
-    from common.certs import certificate_fingerprint, init_ca_and_server
-
     try:
         paths = init_ca_and_server(args.dir, server_hosts=args.server_host, days=args.days, overwrite=args.force,
                                    include_loopback=not args.no_loopback)
@@ -94,8 +99,6 @@ def init(args: argparse.Namespace) -> int:
 
 
 def node(args: argparse.Namespace) -> int:
-    from common.certs import create_node_keypair, ssh_public_key_fingerprint
-
     try:
         priv, pub = create_node_keypair(args.dir, args.name, overwrite=args.force)
         fp = ssh_public_key_fingerprint(pub)

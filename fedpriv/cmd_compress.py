@@ -5,10 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.data import DataError
+from serving.compress import (
+    PRUNE_SCOPES,
+    QUANTIZE_CHOICES,
+    REPORT_JSON,
+    REPORT_MD,
+    CompressError,
+    CompressRequest,
+    compress,
+    summary_rows,
+)
+
 
 def register(sub) -> None:
-    from common.compress import PRUNE_SCOPES, QUANTIZE_CHOICES  # light: the module defers torch imports
-
     p = sub.add_parser("compress", help="int8-quantize and/or prune a saved model for CPU serving",
                        description="Write a smaller copy of a saved classifier (int8 dynamic quantization of "
                        "Linear and Embedding weights, L1 magnitude pruning of Linear weights) that "
@@ -35,9 +45,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.compress import REPORT_JSON, REPORT_MD, CompressError, CompressRequest, compress
-    from common.data import DataError
-
     req = CompressRequest(model=args.model, out=args.out, quantize=args.quantize, prune=args.prune,
                           prune_scope=args.prune_scope, force=args.force, eval_data=args.eval_data,
                           text_col=args.text_col, label_col=args.label_col, group_col=args.group_col,
@@ -61,7 +68,6 @@ def _print_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from common.compress import summary_rows
 
     lat = report["latency"]
     t = Table(title=f"fedpriv compress: {report['model']} -> {report['out']}",

@@ -9,6 +9,20 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.crypto import (
+    DEFAULT_CHUNK_SIZE,
+    ContainerError,
+    KeySource,
+    KeySourceError,
+    decrypt_file,
+    encrypt_file,
+    generate_key,
+    is_container,
+    rekey_file,
+    write_key_file,
+)
+from common.crypto import inspect as inspect_container
+
 PREFIX = "fedpriv dataset: "
 ERR_ALREADY_CONTAINER = "{file}: is already a fedpriv container; refusing to encrypt it again"
 ERR_NO_SUCH_FILE = "{file}: no such file"
@@ -80,8 +94,6 @@ def _fail(message: str) -> int:
 
 
 def _key_source(key_file: str | None, passphrase_env: str | None):
-    from common.crypto import KeySource
-
     if key_file is not None:
         return KeySource.from_key_file(key_file)
     return KeySource.from_passphrase_env(passphrase_env or "")
@@ -89,7 +101,6 @@ def _key_source(key_file: str | None, passphrase_env: str | None):
 
 def _guarded(work) -> int:
     """Run ``work()``; turn the errors a user can cause into one line and exit code 1."""
-    from common.crypto import ContainerError, KeySourceError
 
     try:
         return work()
@@ -104,8 +115,6 @@ def _guarded(work) -> int:
 
 
 def keygen(args: argparse.Namespace) -> int:
-    from common.crypto import generate_key, write_key_file
-
     def work() -> int:
         write_key_file(args.keyfile, generate_key())
         print(MSG_KEYGEN.format(file=args.keyfile), file=sys.stderr)
@@ -115,14 +124,12 @@ def keygen(args: argparse.Namespace) -> int:
 
 
 def encrypt(args: argparse.Namespace) -> int:
-    from common.crypto import DEFAULT_CHUNK_SIZE, encrypt_file, inspect, is_container
-
     def work() -> int:
         if is_container(args.input):
             return _fail(ERR_ALREADY_CONTAINER.format(file=args.input))
         source = _key_source(args.key_file, args.passphrase_env)
         encrypt_file(args.input, args.output, key_source=source, chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE)
-        info = inspect(args.output)
+        info = inspect_container(args.output)
         print(MSG_ENCRYPTED.format(src=args.input, dst=args.output, size=info["plaintext_size"],
                                    chunks=info["chunk_count"], kdf=info["kdf"]),
               file=sys.stderr)
@@ -132,8 +139,6 @@ def encrypt(args: argparse.Namespace) -> int:
 
 
 def decrypt(args: argparse.Namespace) -> int:
-    from common.crypto import decrypt_file
-
     def work() -> int:
         decrypt_file(args.input, args.output, key_source=_key_source(args.key_file, args.passphrase_env))
         if args.output != "-":
@@ -146,7 +151,6 @@ def decrypt(args: argparse.Namespace) -> int:
 def inspect(args: argparse.Namespace) -> int:
     import json
 
-    from common.crypto import inspect as inspect_container
 
     def work() -> int:
         print(json.dumps(inspect_container(args.file), indent=2))
@@ -156,8 +160,6 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def rekey(args: argparse.Namespace) -> int:
-    from common.crypto import rekey_file
-
     def work() -> int:
         old = _key_source(args.key_file, args.passphrase_env)
         new = _key_source(args.new_key_file, args.new_passphrase_env)

@@ -6,6 +6,10 @@ import argparse
 import json
 import sys
 
+from common.data import DataError, Schema
+from serving.compress import load_classifier
+from serving.evaluation import evaluate_file, predictions_csv
+
 
 def register(sub) -> None:
     p = sub.add_parser("fairness", help="evaluate a saved model's accuracy and group fairness on a file",
@@ -27,9 +31,6 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from common.data import DataError, Schema
-    from common.evaluation import evaluate_file, predictions_csv
-    from common.model import load_classifier
 
     try:
         model, tok = load_classifier(args.model, device=args.device)

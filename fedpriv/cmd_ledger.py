@@ -11,6 +11,8 @@ import json
 import sys
 from typing import Any
 
+from common.ledger import load_public_key, verify_ledger
+
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 ERR_NO_FILE = "fedpriv ledger: {file}: no such file"
 ERR_KEY = "fedpriv ledger: cannot use public key {file}: {reason}"
@@ -81,7 +83,6 @@ def verify(args: argparse.Namespace) -> int:
     import re
     from pathlib import Path
 
-    from common.ledger import load_public_key, verify_ledger
 
     if not Path(args.ledger).is_file():
         print(ERR_NO_FILE.format(file=args.ledger), file=sys.stderr)

@@ -8,6 +8,13 @@ import sys
 import time
 from pathlib import Path
 
+from common.config import ConfigError, RunConfig, parse_kv_string
+from common.data import DataError
+from server.rundir import RunDir
+from simulations.crossval import fold_configs, summarize, write_summary
+from simulations.runner import SimOptions, apply_env, prepare_nodes
+from simulations.runner import run as run_sim
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -90,7 +97,6 @@ def add_privacy_arguments(p) -> None:
 
 def sim_options(args: argparse.Namespace):
     """:class:`simulations.runner.SimOptions` from the data, federation and privacy flags."""
-    from simulations.runner import SimOptions
 
     return SimOptions(nodes=args.nodes, data=args.data or "", synthetic_size=args.synthetic_size,
                       synthetic_skew=args.synthetic_skew, partition=args.partition, alpha=args.alpha,
@@ -124,7 +130,6 @@ FLAG_KEYS = {
 
 def load_run_config_arg(text: str) -> dict[str, object]:
     """``--run-config``: ``"k=v k2=v2"`` or a TOML file with top-level keys (as ``fedpriv tune`` writes)."""
-    from common.config import parse_kv_string
 
     if not text:
         return {}
@@ -152,7 +157,6 @@ def load_run_config_arg(text: str) -> dict[str, object]:
 
 def build_config(args: argparse.Namespace):
     """Defaults < --run-config < explicit flags."""
-    from common.config import RunConfig
 
     values: dict[str, object] = {}
     values.update(load_run_config_arg(args.run_config))
@@ -168,9 +172,6 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.config import ConfigError
-    from common.data import DataError
-
     try:
         cfg = build_config(args)
         return _simulate(cfg, args)
@@ -184,8 +185,6 @@ def _simulate(cfg, args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from simulations.runner import apply_env, prepare_nodes
-    from simulations.runner import run as run_sim
 
     apply_env()
     console = Console(stderr=True)
@@ -218,8 +217,6 @@ def _cross_validate(cfg, args: argparse.Namespace, opts, nodes_dir: Path, consol
     """Run one federation per fold on the same node folders, then summarise mean and spread across folds."""
     from rich.table import Table
 
-    from simulations.crossval import fold_configs, summarize, write_summary
-    from simulations.runner import run as run_sim
 
     out = Path(cfg.out)
     configs = fold_configs(cfg, folds=args.folds, budget=opts.epsilon, out=out)
@@ -247,7 +244,6 @@ def _cross_validate(cfg, args: argparse.Namespace, opts, nodes_dir: Path, consol
 
 def _stop_reason(run_dir: Path) -> str:
     """Why the run stopped early, from metrics.jsonl ("" when it ran every round)."""
-    from server.rundir import RunDir
 
     return next((str(r["stopped"]) for r in RunDir(run_dir).read_metrics() if r.get("stopped")), "")
 

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from server.status import summarise
+
 
 def register(sub) -> None:
     p = sub.add_parser("status", help="summarise a run directory")
@@ -19,8 +21,6 @@ def _f(v, d: int = 4) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.status import summarise
-
     try:
         s = summarise(args.run_dir)
     except (FileNotFoundError, ValueError) as exc:

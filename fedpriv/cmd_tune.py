@@ -13,7 +13,20 @@ import sys
 import time
 from pathlib import Path
 
-from fedpriv.cmd_simulate import add_data_arguments, add_privacy_arguments, add_run_arguments
+from common.config import ConfigError
+from common.data import DataError
+from fedpriv.cmd_simulate import (
+    add_data_arguments,
+    add_privacy_arguments,
+    add_run_arguments,
+    build_config,
+    setup_logging,
+    sim_options,
+)
+from server.plots import plot_trials
+from simulations import tune
+from simulations.runner import apply_env, nodes_ledger_epsilon, prepare_nodes
+from simulations.tune import TuneError
 
 ERR_OUT_EXISTS = "--out {out} already exists and is not empty; choose a new directory (a search is not resumed)"
 ERR_NO_BEST = "no trial completed ({failed} failed); see trials.jsonl for the reasons"
@@ -64,10 +77,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.config import ConfigError
-    from common.data import DataError
-    from simulations.tune import TuneError
-
     try:
         return _tune(args)
     except (ConfigError, DataError, TuneError, FileNotFoundError) as exc:
@@ -80,9 +89,6 @@ def _warn(text: str) -> None:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from fedpriv.cmd_simulate import build_config, setup_logging, sim_options
-    from simulations import tune
-
     if args.out is None:
         args.out = str(Path("runs") / time.strftime("tune-%Y%m%d-%H%M%S"))
     cfg = build_config(args)
@@ -100,7 +106,6 @@ def _tune(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from simulations.runner import apply_env, prepare_nodes
 
     apply_env()
     setup_logging(verbose=args.verbose)
@@ -164,8 +169,6 @@ def _finish(console, result, *, args, cfg, out: Path, metric: str, kind: str, se
             tune_epsilon: float, space, seconds: float) -> int:
     from rich.table import Table
 
-    from common.plots import plot_trials
-    from simulations import tune
 
     private = kind == "private"
     recs = result.records
@@ -186,7 +189,6 @@ def _finish(console, result, *, args, cfg, out: Path, metric: str, kind: str, se
     if private:
         # The nodes' own ledgers hold every release, also those of a trial that crashed mid-way and noised
         # evaluation counts, which the trials' metrics rows can miss.
-        from simulations.runner import nodes_ledger_epsilon
 
         on_ledger = nodes_ledger_epsilon(out / "nodes").values()
         spent = max([*on_ledger, *(max(r.epsilon.values()) for r in recs if r.epsilon)], default=0.0)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.model import from_array_record, to_array_record
+
 REJECT_KEYS = "tensor names differ from the global model: missing {missing}, unexpected {extra}"
 REJECT_SHAPE = "tensor {name!r} has shape {got}, expected {expected}"
 REJECT_DTYPE = "tensor {name!r} has dtype {got}, expected float32"
@@ -77,7 +79,6 @@ def _flower_aggregate(kind: str, updates: list[Update], *, trim_beta: float, kru
     from flwr.app import ArrayRecord, MetricRecord, RecordDict
     from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum
 
-    from common.model import from_array_record, to_array_record
 
     if kind == "fedmedian":
         strategy = FedMedian()

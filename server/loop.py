@@ -22,8 +22,27 @@ import numpy as np
 
 from common.cleaning import CleaningConfig, clean_dataset, split_cleaning_metrics
 from common.config import ConfigError, RunConfig
+from common.data import Schema, encode, load_dataset
+from common.fairness import check_thresholds, fairness_report, group_confusions
+from common.inference import predict
+from common.ledger import Ledger, load_or_create_node_key
+from common.metrics import classification_metrics
+from common.model import (
+    ModelSpec,
+    build_model,
+    choose_device,
+    from_array_record,
+    load_tokenizer,
+    load_trainable,
+    save_pretrained,
+    to_array_record,
+    trainable_state,
+)
 from server.aggregate import Update, aggregate, update_norm, validate_update
+from server.central_dp import CentralDp
+from server.report import write_report
 from server.rundir import RunDir, new_run_id
+from server.selection import Selection, resolve_metric
 
 log = logging.getLogger("fedpriv.server")
 
@@ -80,9 +99,6 @@ class CentralEval:
     """A server-held evaluation set (``--eval-data``), evaluated centrally every round."""
 
     def __init__(self, cfg: RunConfig, model_source: str) -> None:
-        from common.data import Schema, encode, load_dataset
-        from common.model import load_tokenizer
-
         ds = load_dataset(cfg.eval_data, schema=Schema(cfg.text_col, cfg.label_col, cfg.group_col),
                           labels=cfg.label_names)
         self.cleaning: dict[str, Any] | None = None  # run-config ``clean``: cleaned like the nodes' data
@@ -92,9 +108,6 @@ class CentralEval:
         self.groups = ds.groups if ds.groups is not None else ["all"] * len(ds)
 
     def evaluate(self, model, device) -> tuple[float, dict[str, np.ndarray]]:
-        from common.fairness import group_confusions
-        from common.inference import predict
-
         res = predict(model, self.enc, device=device)
         cms = group_confusions(res.y_true, res.y_pred, self.groups, num_classes=model.config.num_labels)
         return res.loss_sum / max(res.num_examples, 1), cms
@@ -103,8 +116,6 @@ class CentralEval:
 def summarise_counts(cms: dict[str, np.ndarray], labels: list[str], *, min_group_size: int,
                      prefix: str = "") -> dict[str, Any]:
     """Utility + fairness metrics from summed per-group confusion matrices."""
-    from common.fairness import fairness_report
-    from common.metrics import classification_metrics
 
     if not cms or int(sum(int(np.asarray(m).sum()) for m in cms.values())) == 0:
         return {f"{prefix}accuracy": None, f"{prefix}macro_f1": None}
@@ -121,7 +132,6 @@ def summarise_counts(cms: dict[str, np.ndarray], labels: list[str], *, min_group
 
 def _server_ledger(rundir: RunDir):
     """The server's own signed ledger of central-DP releases (key kept in RUN_DIR/server-key/)."""
-    from common.ledger import Ledger, load_or_create_node_key
 
     key = load_or_create_node_key(rundir.path / "server-key")
     rundir.ledgers_dir.mkdir(parents=True, exist_ok=True)
@@ -136,17 +146,6 @@ def run_federation(grid, cfg: RunConfig, *, progress: Progress | None = None,
     """Run (or resume) the federation described by ``cfg`` on ``grid``; write everything to ``cfg.out``."""
     from flwr.app import Message, MessageType, RecordDict
 
-    from common.model import (
-        ModelSpec,
-        build_model,
-        choose_device,
-        from_array_record,
-        load_tokenizer,
-        load_trainable,
-        save_pretrained,
-        to_array_record,
-        trainable_state,
-    )
 
     if not cfg.label_names or len(cfg.label_names) < 2:
         raise ConfigError(ERR_NO_LABELS)
@@ -180,7 +179,6 @@ def run_federation(grid, cfg: RunConfig, *, progress: Progress | None = None,
     if held_out is not None and held_out.cleaning is not None:
         rundir.record_cleaning(held_out.cleaning, node=None)
     rows = rundir.read_metrics()
-    from server.selection import Selection, resolve_metric
 
     select_metric = resolve_metric(cfg.early_stopping_metric, has_eval_data=bool(cfg.eval_data))
     keep_best = cfg.keep_best or cfg.early_stopping_patience > 0
@@ -271,8 +269,6 @@ def run_federation(grid, cfg: RunConfig, *, progress: Progress | None = None,
             log.error("run=%s round=%d failed: %s", run_id, rnd, row["reason"])
         elif cfg.central_dp:
             if central is None:
-                from server.central_dp import CentralDp
-
                 population = int((central_state or {}).get("population", len(node_ids)))
                 central = CentralDp(cfg, population_size=population, state=(central_state or {}).get("accountant"))
             arrays = central.aggregate([u.arrays for u in sorted(updates, key=lambda u: u.node)], arrays,
@@ -317,8 +313,6 @@ def run_federation(grid, cfg: RunConfig, *, progress: Progress | None = None,
             row.update(summarise_counts(eval_cms, cfg.label_names, min_group_size=cfg.min_group_size,
                                         prefix="eval_"))
         if cfg.fairness_thresholds and row.get("fairness"):
-            from common.fairness import check_thresholds
-
             row["fairness_violations"] = check_thresholds(row["fairness"], {
                 k: v for k, v in cfg.fairness_thresholds.items()})
         train_losses = [(r.get("train-loss"), r.get("num-examples", 0)) for r in per_node.values()
@@ -382,7 +376,6 @@ def run_federation(grid, cfg: RunConfig, *, progress: Progress | None = None,
             best_model = build_model(spec)
             load_trainable(best_model, best[1])
             save_pretrained(best_model, load_tokenizer(cfg.model), rundir.path / "best_fair")
-    from server.report import write_report
 
     write_report(rundir, cfg)
     emit("done", {"run_dir": str(rundir.path)})

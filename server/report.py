@@ -10,9 +10,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from common.cleaning import RULES
 from common.config import RunConfig
-from common.htmlreport import markdown_to_html
-from server.rundir import RunDir, atomic_write_text
+from common.fsutil import atomic_write_text
+from server import plots
+from server.htmlreport import markdown_to_html
+from server.rundir import RunDir
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -33,7 +36,6 @@ def _epsilon_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_report(rundir: RunDir, cfg: RunConfig) -> tuple[Path, Path]:
     """Write report.md and report.html (+ plots/) for the run; returns both paths."""
-    from common import plots
 
     rows = rundir.read_metrics()
     plot_dir = rundir.path / "plots"
@@ -104,7 +106,6 @@ def write_report(rundir: RunDir, cfg: RunConfig) -> tuple[Path, Path]:
 
 def _cleaning_md(cleaning: dict[str, Any], *, spec: str) -> list[str]:
     """cleaning.json as a table: rows in/out per dataset and, per rule, rows changed / rows removed."""
-    from common.cleaning import RULES
 
     datasets = sorted((cleaning.get("nodes") or {}).items())
     if "eval_data" in cleaning:

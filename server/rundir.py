@@ -27,11 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from common.fsutil import atomic_write_bytes
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+from common.fsutil import atomic_write_bytes, atomic_write_text
 
 
 class RunDir:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
+from common.seeds import derived_seed
 from server.rundir import RunDir
 from simulations.runner import nodes_ledger_epsilon
 
@@ -43,7 +44,6 @@ def _fold_noise_seed(noise_seed: int, fold: int) -> int:
     with the same noise let an observer cancel it. -1 (OS entropy) stays -1."""
     if noise_seed < 0:
         return noise_seed
-    from client.node import derived_seed
 
     return derived_seed(noise_seed, "cv-fold", fold)
 

@@ -15,8 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.app import build_client_app
+from common import crypto
 from common.config import RunConfig
-from common.data import Schema, TextDataset, load_dataset, observed_labels, write_dataset
+from common.data import (
+    Schema,
+    TextDataset,
+    encode_records,
+    load_dataset,
+    observed_labels,
+    to_records,
+    write_dataset,
+)
+from server.app import build_server_app
+from simulations.partition import partition
+from simulations.synthetic import make_synthetic
 
 log = logging.getLogger("fedpriv.simulate")
 
@@ -61,14 +74,12 @@ def load_source(cfg: RunConfig, opts: SimOptions) -> TextDataset:
         schema = Schema(cfg.text_col, cfg.label_col, cfg.group_col)
         labels = cfg.label_names or observed_labels(opts.data, schema=schema)
         return load_dataset(opts.data, schema=schema, labels=labels)
-    from simulations.synthetic import make_synthetic
 
     return make_synthetic(opts.synthetic_size, seed=cfg.seed, label_skew=opts.synthetic_skew)
 
 
 def prepare_nodes(cfg: RunConfig, opts: SimOptions, run_dir: Path) -> tuple[RunConfig, Path]:
     """Write node folders under ``run_dir/nodes``; return the config with labels/schema filled in."""
-    from simulations.partition import partition
 
     ds = load_source(cfg, opts)
     if not opts.data:  # the synthetic data has its own column names
@@ -95,9 +106,6 @@ def prepare_nodes(cfg: RunConfig, opts: SimOptions, run_dir: Path) -> tuple[RunC
             node_cfg["count-noise-epsilon"] = opts.count_noise_epsilon
         part = ds.subset(idx)
         if opts.encrypt:
-            from common import crypto
-            from common.data import encode_records, to_records
-
             key_path = ndir / "dataset.key"
             if not key_path.exists():
                 crypto.write_key_file(key_path, crypto.generate_key())
@@ -159,8 +167,6 @@ def run(cfg: RunConfig, *, nodes_dir: Path, num_nodes: int, progress=None) -> No
     import ray
     from flwr.simulation import run_simulation
 
-    from client.app import build_client_app
-    from server.app import build_server_app
 
     server_app = build_server_app(cfg, progress=progress)
     client_app = build_client_app(str(nodes_dir.resolve()))

@@ -34,6 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError, RunConfig
+from common.fsutil import atomic_write_bytes
+from common.seeds import derived_seed
+from server.rundir import RunDir
+from simulations import runner as simulation_runner
 
 log = logging.getLogger("fedpriv.tune")
 
@@ -504,7 +508,6 @@ class FederationObjective:
         if self.base.noise_seed >= 0:
             # A fixed noise seed must not repeat across trials: trials train on the same records, and two
             # releases with the same noise (e.g. differing only in the clipping norm) let an observer cancel it.
-            from client.node import derived_seed
 
             values["noise-seed"] = derived_seed(self.base.noise_seed, "tune-trial", trial)
         return RunConfig.from_mapping(values)
@@ -521,8 +524,6 @@ class FederationObjective:
         return nodes
 
     def __call__(self, params: dict[str, Any], trial: int) -> TrialOutcome:
-        from server.rundir import RunDir
-
         trial_dir = self.trial_dir(trial)
         try:
             cfg = self.trial_config(params, trial)
@@ -531,7 +532,7 @@ class FederationObjective:
         nodes = self._write_trial_nodes(trial_dir)
         runner = self.runner
         if runner is None:
-            from simulations.runner import run as runner
+            runner = simulation_runner.run
         try:
             runner(cfg, nodes_dir=nodes, num_nodes=self.num_nodes, progress=self.progress)
         except Exception as exc:  # a crashed trial is a failed trial; the search goes on
@@ -623,7 +624,6 @@ def write_run_config_toml(path: str | Path, values: Mapping[str, Any], *, commen
     if tomllib.loads(text) != {k: (float(v) if isinstance(v, float) else v) for k, v in values.items()}:
         raise RuntimeError(f"run config TOML does not read back as written: {text!r}")  # programming error
     path = Path(path)
-    from common.fsutil import atomic_write_bytes
 
     atomic_write_bytes(path, text.encode("utf-8"))
     return path

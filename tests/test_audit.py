@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.audit import audit_run, recompute_epsilon
+from audit.run import audit_run, recompute_epsilon
 from common.ledger import Ledger, canonical, entry_hash, load_or_create_node_key, public_pem
 from common.privacy import DpSgdRelease, compute_epsilon
 from fedpriv.cli import main

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import common.audit_accounting as audit_accounting
-from common.audit_accounting import METHODS, AccountingError, pld_interval, recompute_epsilon
+import audit.accounting as audit_accounting
+from audit.accounting import METHODS, AccountingError, pld_interval, recompute_epsilon
 
 DELTA = 1e-5
 

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from common.certs import (
+from deploy.certs import (
     ERR_NO_HOSTS,
     certificate_fingerprint,
     create_node_keypair,

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.compress import (
+from common.data import Schema
+from fedpriv.cli import main
+from serving.compress import (
     ERR_FORCE_FOREIGN,
     ERR_MODEL_MISSING,
     ERR_MODEL_NO_CONFIG,
@@ -30,16 +32,14 @@ from common.compress import (
     compress,
     gap_widened,
     linear_sparsity,
+    load_classifier,
     load_compressed,
     prune_linear,
     quantize_int8,
     save_compressed,
     weight_files,
 )
-from common.data import Schema
-from common.evaluation import evaluate_file
-from common.model import load_classifier
-from fedpriv.cli import main
+from serving.evaluation import evaluate_file
 
 CPU = torch.device("cpu")
 # int8 rounding may flip a row that sits on the decision boundary; the trained toy model has few such rows.

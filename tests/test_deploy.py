@@ -89,8 +89,8 @@ def _rows(run: Path) -> list[dict]:
 
 def test_tls_authenticated_federation_with_failures_and_resume(tmp_path: Path) -> None:
     from common import crypto
-    from common.certs import create_node_keypair, init_ca_and_server
     from common.data import Schema, encode_records, to_records
+    from deploy.certs import create_node_keypair, init_ca_and_server
     from simulations.partition import iid
     from simulations.synthetic import make_synthetic
 
@@ -196,7 +196,7 @@ def test_tls_authenticated_federation_with_failures_and_resume(tmp_path: Path) -
             assert [e["round"] for e in own.entries if e["kind"] == "dp-sgd"] == list(range(1, ROUNDS + 1))
             server_copy = verify_ledger(run_dir / "ledgers" / f"{n}.jsonl", key)
             assert [e["hash"] for e in server_copy.entries] == [e["hash"] for e in own.entries]
-        from common.audit import audit_run
+        from audit.run import audit_run
 
         rep = audit_run(run_dir, node_ledgers=None)
         assert not [f for f in rep.failures if f.check in ("chain", "epsilon", "budget", "rounds")], \

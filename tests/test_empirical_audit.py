@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from common.empirical_audit import (
+from audit.empirical import (
     AuditSettings,
     epsilon_lower_bound,
     guess_and_count,

@@ -28,32 +28,34 @@ from hypothesis import strategies as st
 from scipy.stats import binomtest
 from sklearn.metrics import accuracy_score, precision_score
 
+from client.count_noise import (
+    ERR_EPSILON,
+    ERR_RNG,
+    ERR_UNLISTED_GROUPS,
+    discrete_laplace,
+    noisy_counts,
+    noisy_group_confusions,
+)
 from common.fairness import (
     ERR_CONFIDENCE,
-    ERR_EPSILON,
     ERR_LABELS,
     ERR_MERGE,
     ERR_MISSING_GROUP,
     ERR_MISSING_MODE,
     ERR_POSITIVE_INDEX,
     ERR_REPORT_SHAPE,
-    ERR_RNG,
     ERR_THRESHOLD_KEY,
     ERR_THRESHOLD_VALUE,
-    ERR_UNLISTED_GROUPS,
     ERR_WIRE,
     THRESHOLDS,
     UNKNOWN_GROUP,
     check_thresholds,
-    discrete_laplace,
     fairness_report,
     group_confusions,
     group_confusions_from_wire,
     group_confusions_to_wire,
     headline_gap,
     merge_group_confusions,
-    noisy_counts,
-    noisy_group_confusions,
     wilson_interval,
 )
 

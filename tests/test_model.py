@@ -15,7 +15,6 @@ from common.model import (
     build_model,
     choose_device,
     from_array_record,
-    load_classifier,
     load_trainable,
     resolve_source,
     save_pretrained,
@@ -24,6 +23,7 @@ from common.model import (
     trainable_names,
     trainable_state,
 )
+from serving.compress import load_classifier
 
 LAYERS = TINY_CONFIG["num_hidden_layers"]
 LORA_TOL = 1e-5  # merged W + (alpha/r)·BA vs the adapter path: float32 rounding only

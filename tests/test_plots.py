@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from common.fairness import fairness_report, group_confusions
-from common.plots import plot_gaps_over_rounds, plot_group_rates_over_rounds, plot_metric_over_rounds
+from server.plots import plot_gaps_over_rounds, plot_group_rates_over_rounds, plot_metric_over_rounds
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

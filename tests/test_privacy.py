@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import common.privacy as privacy
+from client.accountant import NodeAccountant
 from common.privacy import (
     ERR_ALREADY_SPENT,
     ERR_DELTA,
@@ -27,7 +28,6 @@ from common.privacy import (
     REFUSAL_NO_DELTA,
     CountRelease,
     DpSgdRelease,
-    NodeAccountant,
     calibrate_noise_multiplier,
     check_budget,
     compute_epsilon,

@@ -117,8 +117,9 @@ def _array(v):
 
 def test_round_loop_stops_early_and_keeps_the_best_round(tmp_path, server_task) -> None:
     from common.config import RunConfig
-    from common.model import ModelSpec, build_model, load_classifier, trainable_state
+    from common.model import ModelSpec, build_model, trainable_state
     from server.loop import run_federation
+    from serving.compress import load_classifier
 
     cfg = RunConfig(num_server_rounds=len(SCRIPT), model="tiny", labels="negative,positive", dp=False,
                     min_nodes=2, out=str(tmp_path / "run"), early_stopping_patience=2)
@@ -194,7 +195,7 @@ class DpTrainScriptedEval(ScriptedGrid):
 
 
 def test_early_stopping_under_dp_ends_the_ledgers(tmp_path, server_task) -> None:
-    from common.audit import audit_run
+    from audit.run import audit_run
     from common.config import RunConfig
     from server.loop import run_federation
     from simulations.runner import SimOptions, prepare_nodes

@@ -123,7 +123,7 @@ def dp_run(tmp_path_factory) -> Path:
 
 
 def test_dp_run_spends_within_budget_and_its_audit_passes(dp_run: Path) -> None:
-    from common.audit import audit_run
+    from audit.run import audit_run
     from common.ledger import load_public_key, verify_ledger
 
     rows = _rows(dp_run)

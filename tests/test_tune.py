@@ -366,7 +366,7 @@ def test_simulate_takes_the_file_with_run_config_file(tmp_path: Path) -> None:
 
 
 def test_trials_plot_marks_failures(tmp_path: Path) -> None:
-    from common.plots import plot_trials
+    from server.plots import plot_trials
 
     path = plot_trials([0.6, None, 0.8, float("nan"), 0.7], tmp_path / "t.png", metric="accuracy")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -378,7 +378,7 @@ def test_trials_plot_marks_failures(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_private_tune_end_to_end_ledgers_hold_every_trial(tmp_path: Path) -> None:
-    from common.audit import audit_run
+    from audit.run import audit_run
     from common.ledger import load_public_key, verify_ledger
     from fedpriv.cli import main
     from fedpriv.cmd_simulate import load_run_config_arg

@@ -12,7 +12,7 @@ What ``--quantize int8`` does (PyTorch eager dynamic quantization, ``torch.ao.qu
 The quantized model is a regular ``torch.nn.Module`` that runs on CPU only (quantized kernels have no CUDA
 implementation). Its directory holds ``config.json``, the tokenizer, the quantized ``state_dict`` as
 ``model-int8.pt`` (int8 tensors, loaded with ``torch.load(weights_only=True)``) and the marker
-``fedpriv-compression.json``; :func:`common.model.load_classifier` sees the marker, rebuilds the float BERT from
+``fedpriv-compression.json``; :func:`load_classifier` sees the marker, rebuilds the float BERT from
 ``config.json``, applies the same quantization and loads the saved state.
 
 What ``--prune AMOUNT`` does: L1 (magnitude) unstructured pruning of the ``nn.Linear`` weights
@@ -45,6 +45,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from common.data import Encoded, Schema, load_dataset
+from common.inference import forward, tensors
+from common.model import ERR_MODEL_DIR, choose_device, load_pretrained_classifier, save_pretrained
+from serving.evaluation import evaluate_file, model_labels
 
 MARKER = "fedpriv-compression.json"
 QUANTIZED_WEIGHTS = "model-int8.pt"
@@ -321,7 +326,7 @@ def weight_files(directory: str | Path) -> dict[str, int]:
 
 
 def save_compressed(model, tokenizer, out_dir: str | Path, *, manifest: Mapping[str, Any]) -> Path:
-    """Write a directory that :func:`common.model.load_classifier` loads.
+    """Write a directory that :func:`load_classifier` loads.
 
     A quantized model (one made by :func:`quantize_int8`) is written as ``config.json`` + ``model-int8.pt``
     (its quantized ``state_dict``); a float one through :func:`common.model.save_pretrained`. Both get the
@@ -329,7 +334,6 @@ def save_compressed(model, tokenizer, out_dir: str | Path, *, manifest: Mapping[
     """
     import torch
 
-    from common.model import save_pretrained
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -358,7 +362,6 @@ def load_compressed(path: str | Path, *, device: str = "auto"):
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from common.model import choose_device
 
     path = Path(path)
     marker = read_marker(path) or {}
@@ -383,6 +386,20 @@ def load_compressed(path: str | Path, *, device: str = "auto"):
     model.load_state_dict(state, strict=True)
     model.fedpriv_quantized_modules = list(modules)
     return model.eval(), tokenizer
+
+
+def load_classifier(path: str | Path, *, device: str = "auto"):
+    """Load any saved classifier directory: a run's ``model/``, any HF dir, or a ``fedpriv compress`` output.
+
+    A directory holding ``fedpriv-compression.json`` is rebuilt by :func:`load_compressed` (an int8 one always
+    lands on CPU); any other goes through :func:`common.model.load_pretrained_classifier`.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(ERR_MODEL_DIR.format(path=path))
+    if (path / MARKER).is_file():
+        return load_compressed(path, device=device)
+    return load_pretrained_classifier(path, device=device)
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -435,8 +452,6 @@ def measure_latency(models: Mapping[str, Any], tokenizer, texts: Sequence[str], 
     """
     import torch
 
-    from common.data import Encoded
-    from common.inference import forward, tensors
 
     if not texts:
         raise ValueError("latency needs at least one input text")
@@ -489,7 +504,7 @@ def _diff(after: float | None, before: float | None) -> float | None:
 
 
 def compare_evaluations(before, after, *, with_fairness: bool) -> dict[str, Any]:
-    """Accuracy, macro-F1 and fairness gaps of two :class:`common.evaluation.Evaluation` of the same file.
+    """Accuracy, macro-F1 and fairness gaps of two :class:`serving.evaluation.Evaluation` of the same file.
 
     Returns ``before`` / ``after`` / ``difference`` (after - before) blocks, ``prediction_agreement`` (share of
     rows predicted alike) and ``widened_gaps`` (names of gaps that got worse, see :func:`gap_widened`).
@@ -534,7 +549,7 @@ def compress(req: CompressRequest) -> dict[str, Any]:
     """Compress ``req.model`` into ``req.out``, measure before and after, and write the reports.
 
     The new directory is written next to ``req.out`` and moved into place only when it is complete (and loads
-    back through :func:`common.model.load_classifier`, which is what the "after" figures measure).
+    back through :func:`load_classifier`, which is what the "after" figures measure).
 
     Returns
     -------
@@ -544,9 +559,6 @@ def compress(req: CompressRequest) -> dict[str, Any]:
     import torch
     import transformers
 
-    from common.data import Schema, load_dataset
-    from common.evaluation import evaluate_file, model_labels
-    from common.model import load_classifier
 
     check_request(req)
     model_dir, out = Path(req.model).expanduser(), Path(req.out).expanduser().resolve()

@@ -34,7 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from common.data import Encoded, TextDataset
+from client.train import DpSettings, TrainSettings, grad_sample_mode_for, planned_dp_steps, train_local
+from common.data import Encoded, TextDataset, encode
+from common.inference import predict
+from common.model import ModelSpec, build_model, choose_device, load_tokenizer
+from common.privacy import DpSgdRelease, calibrate_noise_multiplier, compute_epsilon
 
 SCORES = ("embedding", "loss")
 _WORD = re.compile(r"^[a-z]{3,}$")
@@ -237,8 +241,6 @@ def _embedding_rows(model):
 
 
 def _canary_losses(model, enc: Encoded, device) -> np.ndarray:
-    from common.inference import predict
-
     res = predict(model, enc, device=device)
     # per-example loss of the canary's own label, from the predicted class probabilities
     probs = np.clip(res.scores[np.arange(len(enc)), enc.labels], 1e-12, 1.0)
@@ -251,10 +253,6 @@ def run_audit(s: AuditSettings, *, base: TextDataset, progress=None) -> AuditRes
 
     import torch
 
-    from client.train import DpSettings, TrainSettings, grad_sample_mode_for, planned_dp_steps, train_local
-    from common.data import encode
-    from common.model import ModelSpec, build_model, choose_device, load_tokenizer
-    from common.privacy import DpSgdRelease, calibrate_noise_multiplier, compute_epsilon
 
     start = time.perf_counter()
     if s.score not in SCORES:

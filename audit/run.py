@@ -30,6 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from audit.accounting import recompute_epsilon as independent
+from common.ledger import load_public_key, verify_ledger
+from server.htmlreport import markdown_to_html
+
 TOLERANCE = 0.02  # relative slack between a claimed ε and the recomputed one (accountant numerics)
 TRAINING_KINDS = ("dp-sgd",)
 
@@ -73,10 +77,9 @@ class AuditReport:
 
 
 def recompute_epsilon(history: list[tuple[float, float, int]], *, delta: float) -> dict[str, float]:
-    """ε by Opacus RDP/PRV and dp-accounting PLD/RDP (``common.audit_accounting``, not the training path)."""
+    """ε by Opacus RDP/PRV and dp-accounting PLD/RDP (``audit.accounting``, not the training path)."""
     import logging
 
-    from common.audit_accounting import recompute_epsilon as independent
 
     logging.getLogger("absl").setLevel(logging.ERROR)
     return independent(history, delta=delta)
@@ -120,7 +123,6 @@ def _claimed_key(accountant: str) -> str:
 
 def audit_run(run_dir: str | Path, *, pubkeys: str | Path | None = None,
               node_ledgers: str | Path | None = None) -> AuditReport:
-    from common.ledger import load_public_key, verify_ledger
 
     run_dir = Path(run_dir)
     rep = AuditReport(run_dir=str(run_dir))
@@ -334,6 +336,4 @@ def write_reports(rep: AuditReport, *, json_out: Path | None, html_out: Path | N
     if md_out:
         Path(md_out).write_text(text)
     if html_out:
-        from common.htmlreport import markdown_to_html
-
         Path(html_out).write_text(markdown_to_html(text, title=f"fedpriv audit {rep.run_dir}"))

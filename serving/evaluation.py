@@ -15,6 +15,10 @@ from typing import Any
 import numpy as np
 
 from common.data import Schema, encode, load_dataset
+from common.fairness import fairness_report, group_confusions
+from common.inference import predict
+from common.metrics import classification_metrics, confusion_matrix
+from common.model import choose_device
 
 
 @dataclass
@@ -36,10 +40,6 @@ def model_labels(model) -> list[str]:
 def evaluate_file(model, tokenizer, path: str | Path, *, schema: Schema, max_length: int = 128,
                   min_group_size: int = 30, device=None, key_source=None) -> Evaluation:
     """Predict every row of ``path`` and compute utility and (with a group column) fairness metrics."""
-    from common.fairness import fairness_report, group_confusions
-    from common.inference import predict
-    from common.metrics import classification_metrics, confusion_matrix
-    from common.model import choose_device
 
     labels = model_labels(model)
     ds = load_dataset(path, schema=schema, labels=labels, key_source=key_source)
