@@ -348,10 +348,22 @@ class NodeConfig:
     key_file: str = ""  # key file for an encrypted dataset
     passphrase_env: str = ""  # or: environment variable holding the passphrase
     require_encryption: bool = False  # refuse plaintext datasets
-    state_dir: str = ""  # accountant, ledger and signing key live here (default ~/.fedpriv/node-<name>)
-    epsilon: float = 8.0  # the institution's privacy budget ε (total, across rounds and runs on this data)
+    state_dir: str = ""  # ledger, signing key and replay store live here (default ~/.fedpriv/<node-name>)
+    # --- the node's privacy guarantee: every key below is the institution's; the run config can only ask for
+    # less spending or more noise, never weaken these (client/budget.py enforces them)
+    epsilon: float = 8.0  # the institution's privacy budget ε: total over every release from this state dir
     delta: float = 1e-5  # δ; must be below 1/n for a dataset of n examples
-    count_noise_epsilon: float = 0.0  # >0: noise evaluation counts with this ε each round (ledgered)
+    accountant: str = "prv"  # prv | rdp: how this node computes ε over its whole ledger
+    require_dp: bool = True  # refuse a run config with dp=false (training without DP-SGD)
+    allow_fixed_noise_seed: bool = False  # honour a run-config noise-seed >= 0 (reproducible demos/tests only:
+    # whoever knows the seed can remove the noise, so such releases carry no guarantee and the audit fails them)
+    count_noise_epsilon: float = 0.1  # ε per round for noised evaluation counts (ledgered); 0 = send no counts
+    share_exact_metrics: bool = False  # opt in to sending exact statistics outside the guarantee: train loss and
+    # accuracy, evaluation loss and, with count-noise-epsilon 0, exact evaluation counts
+    min_epsilon_per_round: float = 0.0  # refuse a round that would spend less than this (a round that is noise)
+    val_fraction: float = 0.2  # local validation split (on a DP node the run config's value is not used)
+    cv_folds: int = 0  # cross-validation folds of this node's data (0 = off); like val-fraction, the node's
+    cv_fold: int = 0  # the held-out fold when cv-folds >= 2
     device: str = ""  # override the device the coordinator asks for
     model_dir: str = ""  # local copy of the model directory when the run's model is a path
     # Send the text-cleaning counts to the coordinator. They are exact (not DP) statistics of the private data,
@@ -362,6 +374,13 @@ class NodeConfig:
         _check("epsilon", self.epsilon, low=0.0, low_open=True)
         _check("delta", self.delta, low=0.0, high=1.0, low_open=True, high_open=True)
         _check("count-noise-epsilon", self.count_noise_epsilon, low=0.0)
+        _choice("accountant", self.accountant, ACCOUNTANTS)
+        _check("min-epsilon-per-round", self.min_epsilon_per_round, low=0.0)
+        _check("val-fraction", self.val_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
+        if self.cv_folds == 1:
+            raise ConfigError(ERR_RANGE.format(key="cv-folds", allowed="0 (off) or >= 2", value=1))
+        _check("cv-folds", self.cv_folds, low=0)
+        _check("cv-fold", self.cv_fold, low=0, high=max(self.cv_folds - 1, 0))
         if self.device and not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(ERR_CHOICE.format(key="device", choices="auto, cpu, cuda, cuda:N", value=self.device))
         if self.key_file and self.passphrase_env:

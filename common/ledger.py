@@ -88,6 +88,8 @@ ERR_PUB_MISMATCH = (
     "every entry. Restore the matching pair, or move the stale public key away to re-export it"
 )
 ERR_BROKEN = "{file}: refusing to append to a ledger that does not verify ({count} problem(s)); first: {problem}"
+ERR_STALE = ("{file}: the ledger changed since this release was planned (head {have}..., expected {want}...); "
+             "nothing was appended: plan again on the current spend")
 ERR_FIELDS_TYPE = "ledger fields must be a dict of JSON values; got {type}"
 ERR_RESERVED = "ledger fields {keys} are set by the ledger itself; do not pass them"
 ERR_SCHEMA = "ledger entry schema must be {want}; got {value!r}"
@@ -116,6 +118,9 @@ P_HEAD_TRUNCATED = ("{name} records {want} entries but the ledger has {have}: en
                     "(truncation)")
 P_HEAD_MISMATCH = ("{name} records hash {want} for entry {index}, the ledger has {have}: the ledger was "
                    "rewritten")
+P_HEAD_MISSING = ("{name} is missing: the signed head that records how many entries the ledger holds was "
+                  "deleted, so entries removed from the end would go unnoticed; restore it from a backup, or "
+                  "verify against a trusted anchor (--expected-count / --expected-head)")
 P_TRUSTED_HEAD_MISSING = ("no entry has the trusted head hash {want}: the ledger was truncated or rewritten "
                           "(its last hash is {have})")
 P_TRUSTED_HEAD_EARLY = "the trusted head is entry {index}, but {extra} entr(y/ies) follow it"
@@ -333,7 +338,7 @@ class VerifyResult:
 
 def verify_ledger(path_or_lines: str | Path | Iterable[str | bytes], public_key, *,
                   expected_count: int | None = None, expected_head: str | None = None,
-                  segment: bool = False) -> VerifyResult:
+                  segment: bool = False, require_head: bool = True) -> VerifyResult:
     """Check a ledger: JSON, canonical form, hashes, the ``prev_hash`` chain, contiguous ``index``, signatures.
 
     Parameters
@@ -349,6 +354,9 @@ def verify_ledger(path_or_lines: str | Path | Iterable[str | bytes], public_key,
     segment : bool
         The lines are a contiguous part of a ledger (e.g. the server's copy of one run): the first entry may
         have any ``index`` and ``prev_hash`` (both still covered by its signature); the rest must chain to it.
+    require_head : bool
+        For a whole ledger file (not a segment) with entries and no trusted anchor: its signed head file must
+        exist (:data:`P_HEAD_MISSING` otherwise), since without it a cut at the tail cannot be noticed.
 
     Returns
     -------
@@ -371,7 +379,8 @@ def verify_ledger(path_or_lines: str | Path | Iterable[str | bytes], public_key,
         if hp.exists():
             head_record = (hp, hp.read_bytes())
         return _verify(_split(data), public_key, head_record=head_record, expected_count=expected_count,
-                       expected_head=expected_head, segment=segment)
+                       expected_head=expected_head, segment=segment,
+                       missing_head=None if segment or not require_head else hp)
     lines: list[str | None] = []
     for raw in path_or_lines:
         if isinstance(raw, bytes):
@@ -401,7 +410,8 @@ def _split(data: bytes) -> tuple[list[str | None], bool]:
 
 
 def _verify(split: tuple[list[str | None], bool], public_key, *, head_record: tuple[Path, bytes] | None,
-            expected_count: int | None, expected_head: str | None, segment: bool) -> VerifyResult:
+            expected_count: int | None, expected_head: str | None, segment: bool,
+            missing_head: Path | None = None) -> VerifyResult:
     from cryptography.exceptions import InvalidSignature
 
     lines, ends_with_newline = split
@@ -478,6 +488,8 @@ def _verify(split: tuple[list[str | None], bool], public_key, *, head_record: tu
     last = last if type(last) is int else None
     if head_record is not None:
         _check_head_file(res, public_key, *head_record)
+    elif missing_head is not None and res.entries and expected_count is None and expected_head is None:
+        problem(None, last, "head-missing", P_HEAD_MISSING.format(name=missing_head.name))
     if expected_count is not None and n != expected_count:
         problem(None, last, "count", P_COUNT.format(have=n, want=expected_count))
     if expected_head is not None:
@@ -572,9 +584,13 @@ class Ledger:
         """The last entry's hash (64 zeros when empty); raises :class:`LedgerError` when it does not verify."""
         return self._checked(self.verify()).head
 
-    def append(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+    def append(self, fields: Mapping[str, Any], *, if_head: str | None = None) -> dict[str, Any]:
         """Chain, sign and durably append one entry; return it (with ``index``, ``prev_hash``, ``hash``,
         ``signature``).
+
+        ``if_head``: append only if the ledger's last hash is still this one (the state the caller decided
+        on); otherwise raise :class:`LedgerError` (:data:`ERR_STALE`) and write nothing. A node that planned
+        a release on a spend another process has since changed must plan again.
 
         Raises
         ------
@@ -587,6 +603,8 @@ class Ledger:
         with self._locked() as f:
             f.seek(0)
             res = self._checked(self._verify_bytes(f.read()))
+            if if_head is not None and res.head != if_head:
+                raise LedgerError(ERR_STALE.format(file=self.path, want=if_head[:16], have=res.head[:16]))
             entry["index"] = len(res.entries)
             entry["prev_hash"] = res.head
             digest = entry_hash(entry)
@@ -604,7 +622,7 @@ class Ledger:
         hp = self.head_path
         head_record = (hp, hp.read_bytes()) if hp.exists() else None
         return _verify(_split(data), self._public, head_record=head_record, expected_count=None,
-                       expected_head=None, segment=False)
+                       expected_head=None, segment=False, missing_head=hp)
 
     def _checked(self, res: VerifyResult) -> VerifyResult:
         if not res.ok:

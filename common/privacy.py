@@ -1,4 +1,4 @@
-"""Privacy accounting for one node: ε of DP-SGD releases, noise calibration, the persistent accountant.
+"""Privacy accounting: ε of DP-SGD releases, noise calibration, budget checks.
 
 Privacy unit: one record (example) of one institution's dataset, add/remove-one neighbouring. A DP-SGD release
 is ``steps`` applications of the Poisson-subsampled Gaussian mechanism with sampling rate q and noise
@@ -15,8 +15,8 @@ accountant, giving (ε_sgd, δ); every pure ε-DP release (noised evaluation cou
 its ε by basic composition, so the node spends (ε_sgd + Σ ε_i, δ). Basic composition is never tighter than
 the truth, so the reported total never under-states the spend.
 
-State (what was released) lives in one JSON file per (node, dataset) in the node's state directory, so that
-accounting continues across rounds run in fresh processes and across runs; the math is in pure functions.
+This module is the math only (pure functions). What a node released is in its signed ledger, and the node
+recomputes its spend from the whole ledger on every load (:mod:`client.budget`).
 
 References
 ----------
@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from typing import Any
 
 ACCOUNTANTS = ("prv", "rdp")
-STATE_SCHEMA = 1
 PRV_EPS_ERROR = 0.01  # Opacus' default absolute error of the PRV ε; its upper bound is returned
 PRV_MAX_GRID_POINTS = 20_000_000  # PRV discretisation larger than this takes > ~30 s and GBs: refuse instead
 SIGMA_MAX = 10_000.0  # calibration gives up beyond this noise multiplier
@@ -50,6 +49,7 @@ ERR_NOISE = "noise_multiplier must be a finite number >= 0; got {value!r}"
 ERR_STEPS = "steps must be an integer >= 0; got {value!r}"
 ERR_ACCOUNTANT = "accountant must be one of 'prv', 'rdp'; got {value!r}"
 ERR_TARGET = "target_epsilon must be a finite number > 0; got {value!r}"
+ERR_PRIOR_PURE = "prior_pure_epsilon must be a finite number >= 0; got {value!r}"
 ERR_TOLERANCE = "epsilon_tolerance must be in (0, 0.05]; got {value!r}"
 ERR_COUNT_EPS = "epsilon of a count release must be a finite number > 0; got {value!r}"
 ERR_MECHANISM = "mechanism must be a non-empty string naming the noise mechanism; got {value!r}"
@@ -75,19 +75,6 @@ ERR_CANNOT_CALIBRATE = (
 HINT_RDP_FLOOR = (
     "; note that the RDP accountant (Opacus' orders up to {max_order:g}) cannot certify any ε below {floor:.3g} "
     "at δ={delta:g}: use accountant='prv' for small budgets"
-)
-ERR_STATE_MISMATCH = (
-    "{file}: this accountant state was recorded with accountant={have_acc!r}, delta={have_delta:g}; it "
-    "cannot continue with accountant={want_acc!r}, delta={want_delta:g} (the ε values would not compose). "
-    "Keep the node's accountant and delta fixed for this dataset, or account the new setting in a new file"
-)
-ERR_STATE_CORRUPT = (
-    "{file}: cannot read the accountant state ({reason}). Do not delete it (ε would restart at 0): restore it "
-    "from a backup or rebuild it from the node's signed ledger"
-)
-ERR_STATE_CHANGED = (
-    "{file}: the accountant state changed on disk since it was loaded (another process committed a release); "
-    "reload it and re-check the budget before training"
 )
 # Refusal reason of check_budget; numbers are pre-formatted (2 decimals, more where needed to tell them apart).
 REFUSAL = "training would spend ε={after} > budget {budget} at δ={delta:g} (spent so far {spent})"
@@ -304,7 +291,7 @@ def total_epsilon(history: Sequence[DpSgdRelease], count_releases: Sequence[Coun
 
 def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
                                accountant: str = "prv", prior_history: Sequence[DpSgdRelease] = (),
-                               epsilon_tolerance: float = 0.01) -> float:
+                               prior_pure_epsilon: float = 0.0, epsilon_tolerance: float = 0.01) -> float:
     """Smallest noise multiplier that keeps ``prior_history`` + ``steps`` new steps within ``target_epsilon``.
 
     Bracketing search on log σ (interpolation safeguarded by bisection). For PRV the bracket starts at the RDP
@@ -325,6 +312,9 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_ra
         Accountant used for ε, as in :func:`compute_epsilon`.
     prior_history : sequence of DpSgdRelease
         Releases already made on the same data.
+    prior_pure_epsilon : float
+        ε of pure-DP releases already made (noised counts, >= 0); they add by basic composition
+        (:func:`total_epsilon`), so the DP-SGD history must fit in ``target_epsilon - prior_pure_epsilon``.
     epsilon_tolerance : float
         Relative slack below the target, in (0, 0.05]: the result σ gives
         ``target * (1 - epsilon_tolerance) <= ε <= target``.
@@ -346,10 +336,13 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_ra
     delta = _check_delta(delta)
     accountant = _check_accountant(accountant)
     DpSgdRelease(1.0, sample_rate, steps)  # validates sample_rate and steps
+    if not (_is_real(prior_pure_epsilon) and math.isfinite(prior_pure_epsilon) and prior_pure_epsilon >= 0):
+        raise ValueError(ERR_PRIOR_PURE.format(value=prior_pure_epsilon))
     prior = [_as_release(r) for r in prior_history]
-    target = float(target_epsilon)
-    spent = compute_epsilon(prior, delta=delta, accountant=accountant)
-    if spent >= target:
+    target = float(target_epsilon) - float(prior_pure_epsilon)
+    spent = compute_epsilon(prior, delta=delta, accountant=accountant) + float(prior_pure_epsilon)
+    if spent >= float(target_epsilon) or target <= 0:
+        target = float(target_epsilon)
         raise ValueError(ERR_ALREADY_SPENT.format(target=target, delta=delta, spent=spent, accountant=accountant))
     if steps == 0:
         return 0.0
@@ -450,7 +443,7 @@ def check_budget(*, spent: float, cost_after: float, budget: float, delta: float
     spent : float
         ε spent before the release.
     cost_after : float
-        ε after the release (``NodeAccountant.epsilon_if``); NaN counts as over budget.
+        ε after the release (``client.budget.NodePrivacy``); NaN counts as over budget.
     budget : float
         The node's ε budget, > 0.
     delta : float, optional

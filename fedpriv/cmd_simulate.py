@@ -91,8 +91,15 @@ def add_privacy_arguments(p) -> None:
     pr.add_argument("--epsilon", type=float, default=8.0, help="every simulated node's ε budget (default 8)")
     pr.add_argument("--delta", type=float, default=1e-5, help="every simulated node's δ (default 1e-5)")
     pr.add_argument("--encrypt", action="store_true", help="encrypt each node's partition (one key per node)")
-    pr.add_argument("--count-noise-epsilon", type=float, default=0.0,
-                    help="nodes noise their evaluation counts with this ε per round (0 = exact counts)")
+    pr.add_argument("--count-noise-epsilon", type=float, default=None,
+                    help="ε per round of each node's noised evaluation counts (default: the node default, 0.1; "
+                    "0 = send no counts, or exact counts with --share-exact-metrics)")
+    pr.add_argument("--share-exact-metrics", action="store_true",
+                    help="the simulated institutions opt in to sending exact statistics outside the DP "
+                    "guarantee (train loss/accuracy, evaluation loss; exact counts with --count-noise-epsilon 0)")
+    pr.add_argument("--allow-fixed-noise-seed", action="store_true",
+                    help="the simulated institutions honour --run-config noise-seed=N (reproducible runs that "
+                    "carry no privacy guarantee; fedpriv audit fails them)")
 
 
 def sim_options(args: argparse.Namespace):
@@ -101,7 +108,9 @@ def sim_options(args: argparse.Namespace):
     return SimOptions(nodes=args.nodes, data=args.data or "", synthetic_size=args.synthetic_size,
                       synthetic_skew=args.synthetic_skew, partition=args.partition, alpha=args.alpha,
                       epsilon=args.epsilon, delta=args.delta, encrypt=args.encrypt,
-                      count_noise_epsilon=args.count_noise_epsilon)
+                      count_noise_epsilon=args.count_noise_epsilon,
+                      share_exact_metrics=args.share_exact_metrics,
+                      allow_fixed_noise_seed=args.allow_fixed_noise_seed)
 
 
 def setup_logging(*, verbose: bool) -> None:

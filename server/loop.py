@@ -288,7 +288,7 @@ def run_federation(grid, cfg: RunConfig, *, progress: Progress | None = None,
                              message_type=MessageType.EVALUATE) for nid in eval_ids]
         row["bytes_down"] += int(eval_record.count_bytes()) * len(eval_msgs)
         summed: dict[str, np.ndarray] = {}
-        loss_sum, n_eval = 0.0, 0
+        loss_sum, n_eval, n_loss = 0.0, 0, 0
         for reply in grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout):
             if reply.has_error():
                 errors.append({"node_id": int(reply.metadata.src_node_id), "reason": str(reply.error.reason),
@@ -299,13 +299,16 @@ def run_federation(grid, cfg: RunConfig, *, progress: Progress | None = None,
             entry = info.get("ledger_entry")
             if entry:
                 rundir.store_ledger_entry(str(info.get("node")), entry, None)
-            for g, cm in _group_counts_from_json(info["counts"]).items():
-                summed[g] = summed.get(g, 0) + cm
-            loss_sum += float(m.get("loss-sum", 0.0))
+            if "counts" in info:  # a node without count noise and without the exact opt-in withholds them
+                for g, cm in _group_counts_from_json(info["counts"]).items():
+                    summed[g] = summed.get(g, 0) + cm
+            if "loss-sum" in m:  # exact: only from nodes that opted in (share-exact-metrics) or without DP
+                loss_sum += float(m["loss-sum"])
+                n_loss += int(m.get("num-examples", 0))
             n_eval += int(m.get("num-examples", 0))
         row["eval_nodes"] = len(eval_msgs)
         row["num_examples_val"] = n_eval
-        row["loss"] = loss_sum / n_eval if n_eval else None
+        row["loss"] = loss_sum / n_loss if n_loss else None
         row.update(summarise_counts(summed, cfg.label_names, min_group_size=cfg.min_group_size))
         if held_out is not None:
             eval_loss, eval_cms = held_out.evaluate(model, device)

@@ -60,7 +60,9 @@ class SimOptions:
     epsilon: float = 8.0  # every simulated node's budget
     delta: float = 1e-5
     encrypt: bool = False  # encrypted partitions, one key per node
-    count_noise_epsilon: float = 0.0
+    count_noise_epsilon: float | None = None  # None: the node default (noised counts, NodeConfig)
+    share_exact_metrics: bool = False  # the simulated institutions opt in to exact statistics
+    allow_fixed_noise_seed: bool = False  # the simulated institutions honour a run-config noise-seed
 
 
 def apply_env() -> None:
@@ -102,8 +104,12 @@ def prepare_nodes(cfg: RunConfig, opts: SimOptions, run_dir: Path) -> tuple[RunC
             # one person runs every simulated institution: the cleaning counts may go to the run directory
             "share-cleaning-counts": True,
         }
-        if opts.count_noise_epsilon > 0:
+        if opts.count_noise_epsilon is not None:
             node_cfg["count-noise-epsilon"] = opts.count_noise_epsilon
+        node_cfg.update({"share-exact-metrics": opts.share_exact_metrics,
+                         "allow-fixed-noise-seed": opts.allow_fixed_noise_seed,
+                         # the simulation's user speaks for every institution: a run without DP is their choice
+                         "require-dp": cfg.dp})
         part = ds.subset(idx)
         if opts.encrypt:
             key_path = ndir / "dataset.key"
@@ -123,6 +129,20 @@ def prepare_nodes(cfg: RunConfig, opts: SimOptions, run_dir: Path) -> tuple[RunC
         sizes.append(len(idx))
     log.info("prepared %d nodes in %s: sizes %s", opts.nodes, nodes_dir, sizes)
     return cfg, nodes_dir
+
+
+def sync_node_split(cfg: RunConfig, nodes_dir: Path) -> None:
+    """Write the run's validation split, folds and accountant into every simulated node's ``node.json``.
+
+    On a DP node these are the institution's own settings (the run config cannot choose which records answer
+    evaluation queries); in a simulation one person speaks for every institution, so the simulation's choice
+    (``--folds``, ``val-fraction``, ``accountant``) is written where each node reads it.
+    """
+    for path in sorted(Path(nodes_dir).glob("node-*/node.json")):
+        node_cfg = json.loads(path.read_text())
+        node_cfg.update({"val-fraction": cfg.val_fraction, "cv-folds": cfg.cv_folds, "cv-fold": cfg.cv_fold,
+                         "accountant": cfg.accountant})
+        path.write_text(json.dumps(node_cfg, indent=2))
 
 
 def nodes_ledger_epsilon(nodes_dir: Path) -> dict[str, float]:
@@ -168,6 +188,7 @@ def run(cfg: RunConfig, *, nodes_dir: Path, num_nodes: int, progress=None) -> No
     from flwr.simulation import run_simulation
 
 
+    sync_node_split(cfg, nodes_dir)
     server_app = build_server_app(cfg, progress=progress)
     client_app = build_client_app(str(nodes_dir.resolve()))
     flwr_logger = logging.getLogger("flwr")

@@ -16,13 +16,15 @@ from fedpriv.cli import main
 
 RUN = "run123"
 SIGMA, Q, STEPS, DELTA = 1.0, 0.05, 40, 1e-5
+N, BATCH = 640, 32  # q = 1/ceil(N/BATCH) = Q
 
 
 def _entry(r: int, eps: float, *, sigma: float = SIGMA, budget: float = 8.0) -> dict:
     return {"schema": 1, "kind": "dp-sgd", "run": RUN, "round": r, "node": "node-0", "dataset": "d" * 64,
             "accountant": "prv", "delta": DELTA, "noise_multiplier": sigma, "sample_rate": Q, "steps": STEPS,
             "clipping_norm": 1.0, "epsilon": eps, "epsilon_round": 0.0, "budget_epsilon": budget,
-            "noise_seed": None, "time": "2026-11-28T00:00:00+00:00"}
+            "noise_seed": None, "num_examples": N, "batch_size": BATCH, "epochs": 2, "steps_executed": STEPS,
+            "time": "2026-11-28T00:00:00+00:00"}
 
 
 def make_run(tmp: Path, *, rounds: int = 3, budget: float = 8.0, sigma: float = SIGMA) -> Path:
@@ -36,11 +38,13 @@ def make_run(tmp: Path, *, rounds: int = 3, budget: float = 8.0, sigma: float = 
     for r in range(1, rounds + 1):
         eps = compute_epsilon([DpSgdRelease(sigma, Q, STEPS)] * r, delta=DELTA, accountant="prv")
         entry = led.append(_entry(r, eps, sigma=sigma, budget=budget))
-        rows.append({"round": r, "status": "ok", "nodes": {"node-0": {"status": "ok", "epsilon": eps}}})
+        rows.append({"round": r, "status": "ok", "nodes": {"node-0": {"status": "ok", "epsilon": eps,
+                                                                      "num-examples": N}}})
         with open(run / "ledgers" / "node-0.jsonl", "ab") as f:
             f.write(canonical(entry) + b"\n")
     (run / "ledgers" / "node-0.pub").write_bytes((state / "node_ed25519.pub").read_bytes())
-    (run / "config.json").write_text(json.dumps({"fedpriv-run": RUN, "dp": True, "num-server-rounds": rounds}))
+    (run / "config.json").write_text(json.dumps({"fedpriv-run": RUN, "dp": True, "num-server-rounds": rounds,
+                                                   "batch-size": BATCH}))
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run
 
@@ -183,3 +187,86 @@ def test_parameters_changed_mid_run_fail(tmp_path: Path) -> None:
         f.write(json.dumps({"round": 3, "nodes": {"node-0": {"status": "ok", "epsilon": eps}}}) + "\n")
     rep = audit_run(run)
     assert [f.entry for f in _failed(rep, "parameters")] == [2]
+
+
+# ------------------------------------------------------------------- issue 13/15: audits that can fail
+
+
+def _resign(run: Path, mutate) -> None:
+    """Rewrite both copies, signed by the node's own key: what a node (or a bug in it) really recorded."""
+    import base64
+
+    key = load_or_create_node_key(run / "nodes" / "node-0" / "state")
+    prev, out = "0" * 64, []
+    for e in _server_lines(run):
+        e = {k: v for k, v in e.items() if k not in ("hash", "signature")}
+        mutate(e)
+        e["prev_hash"] = prev
+        e["hash"] = entry_hash(e)
+        e["signature"] = base64.b64encode(key.sign(bytes.fromhex(e["hash"]))).decode()
+        prev = e["hash"]
+        out.append(e)
+    _write_server(run, out)
+    Ledger(run / "nodes" / "node-0" / "state" / "ledger.jsonl", key)._write_head(len(out), prev)
+
+
+def test_a_fixed_noise_seed_fails_naming_it(run: Path) -> None:
+    _resign(run, lambda e: e.update(noise_seed=5 if e["round"] == 2 else None))
+    fails = _failed(audit_run(run), "mechanism")
+    assert [f.entry for f in fails] == [1] and "fixed noise seed 5" in fails[0].message
+
+
+def test_a_claim_above_the_budget_fails_with_zero_slack(tmp_path: Path) -> None:
+    eps3 = compute_epsilon([DpSgdRelease(SIGMA, Q, STEPS)] * 3, delta=DELTA, accountant="prv")
+    run = make_run(tmp_path, budget=eps3 * 0.999)  # 0.1 % over: the old 2 % slack let it pass
+    fails = _failed(audit_run(run), "budget")
+    assert fails and all(f.entry == 2 for f in fails)
+    assert any(f.message.startswith("claimed ε=") for f in fails)
+
+
+def test_a_sample_rate_inconsistent_with_n_and_batch_fails(run: Path) -> None:
+    _resign(run, lambda e: e.update(num_examples=6400))  # q understated: the node trained on 640 records
+    fails = _failed(audit_run(run), "mechanism")
+    assert fails and "does not match n=6400" in fails[0].message or "reported num-examples=640" in fails[0].message
+    assert any("sample rate 0.05 does not match n=6400" in f.message for f in fails)
+
+
+def test_steps_executed_other_than_accounted_fail(run: Path) -> None:
+    _resign(run, lambda e: e.update(steps_executed=STEPS + 5 if e["round"] == 3 else STEPS))
+    fails = _failed(audit_run(run), "mechanism")
+    assert [(f.entry, f.message) for f in fails] == [(2, f"round 3: {STEPS + 5} steps executed, {STEPS} accounted")]
+
+
+def test_data_changed_mid_run_fails(run: Path) -> None:
+    _resign(run, lambda e: e.update(dataset="e" * 64 if e["round"] == 3 else e["dataset"]))
+    fails = _failed(audit_run(run), "parameters")
+    assert [f.entry for f in fails] == [2] and "the node's data changed mid-run" in fails[0].message
+
+
+def test_a_missing_node_ledger_fails(run: Path) -> None:
+    (run / "ledgers" / "node-0.jsonl").unlink()
+    fails = _failed(audit_run(run), "ledgers")
+    assert fails and any("ledgers/node-0.jsonl is missing" in f.message for f in fails)
+
+
+def test_a_ledger_cut_at_its_tail_with_its_head_fails(run: Path) -> None:
+    state = run / "nodes" / "node-0" / "state"
+    lines = (state / "ledger.jsonl").read_text().splitlines(keepends=True)
+    (state / "ledger.jsonl").write_text("".join(lines[:-1]))
+    (state / "ledger.head").unlink()
+    rep = audit_run(run)
+    assert any("ledger.head is missing" in f.message for f in _failed(rep, "copies"))
+    assert any("1 extra entries" in f.message for f in _failed(rep, "copies"))
+
+
+def test_a_partial_view_of_the_ledger_fails_and_says_what_it_covered(run: Path) -> None:
+    entries = _server_lines(run)
+    _write_server(run, entries[1:], also_node=False)  # the server saw this node from entry 1 on
+    shutil.rmtree(run / "nodes")  # and the node's own ledger is not given
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][1:]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rep = audit_run(run)
+    fails = _failed(rep, "coverage")
+    assert len(fails) == 1 and "covers only entries 1-2 of runs run123" in fails[0].message
+    assert rep.nodes["node-0"]["accounted_entries"] == [1, 2] and rep.nodes["node-0"]["held_to_budget"] == \
+        "dp_accounting_pld"

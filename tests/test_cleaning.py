@@ -418,7 +418,8 @@ def test_counts_reach_the_run_directory_once_per_node(tmp_path, server_task, _on
         data = _write(ndir / "data.jsonl", rows)
         (ndir / "node.json").write_text(json.dumps({"node-name": f"node-{i}", "data-path": str(data),
                                                     "state-dir": str(ndir / "state"),
-                                                    "share-cleaning-counts": True}))
+                                                    "share-cleaning-counts": True,
+                                                    "require-dp": False}))  # the run trains without DP
     eval_path = _write(tmp_path / "eval.csv", EVAL_ROWS)
     cfg = RunConfig(model="tiny", labels=",".join(LABELS), num_server_rounds=2, dp=False, batch_size=4,
                     max_physical_batch_size=4, max_length=16, device="cpu", clean="all", eval_data=str(eval_path),

@@ -24,6 +24,7 @@ from common.ledger import (
     GENESIS,
     P_CANONICAL,
     P_HASH,
+    P_HEAD_MISSING,
     P_INDEX,
     P_PREV,
     P_SIG,
@@ -210,7 +211,12 @@ def test_truncation_is_detected_against_head_file_and_anchors(ledger) -> None:
     assert str(res.problems[0]) == ("entry 1: ledger.head records 3 entries but the ledger has 2: entries were "
                                     "removed from the end (truncation)")
     head_path(path).unlink()
-    assert _verify(path, pub).ok  # without an anchor, a clean prefix cannot be told from a shorter ledger
+    # Cut at the tail with the head file removed too: the missing head is itself a failure (issue 13) ...
+    res = _verify(path, pub)
+    assert [p.code for p in res.problems] == ["head-missing"]
+    assert str(res.problems[0]).endswith(P_HEAD_MISSING.format(name="ledger.head"))
+    # ... unless the caller verifies against a trusted anchor instead, or reads a segment (a server copy)
+    assert _verify(path, pub, segment=True).ok
     assert [p.code for p in _verify(path, pub, expected_count=3).problems] == ["count"]
     assert [p.code for p in _verify(path, pub, expected_head=full.head).problems] == ["head"]
     assert _verify(path, pub, expected_head=full.entries[1]["hash"], expected_count=2).ok
@@ -434,7 +440,10 @@ def test_cli_expected_head_and_errors(ledger, capsys, tmp_path: Path) -> None:
     head = _verify(path, pub).head
     os.remove(head_path(path))
     _write(path, _lines(path)[:2])
-    assert main(["ledger", "verify", str(path), "--pubkey", str(pub)]) == 0
+    # the last line deleted together with the head file: no longer "OK" (issue 13/15)
+    assert main(["ledger", "verify", str(path), "--pubkey", str(pub)]) == 1
+    assert "ledger.head is missing" in capsys.readouterr().out
+    assert main(["ledger", "verify", str(path), "--pubkey", str(pub), "--segment"]) == 0  # a server copy
     capsys.readouterr()
     assert main(["ledger", "verify", str(path), "--pubkey", str(pub), "--expected-head", head]) == 1
     assert "no entry has the trusted head hash" in capsys.readouterr().out
@@ -443,3 +452,18 @@ def test_cli_expected_head_and_errors(ledger, capsys, tmp_path: Path) -> None:
     assert main(["ledger", "verify", str(path), "--pubkey", str(path)]) == 2
     err = capsys.readouterr().err
     assert "no such file" in err and "cannot use public key" in err and "64 hex digits" in err
+
+
+def test_append_refuses_a_stale_head(tmp_path: Path) -> None:
+    """A release planned on a spend that another process has since changed is not appended."""
+    state = tmp_path / "state"
+    key = load_or_create_node_key(state)
+    a, b = Ledger(state / "ledger.jsonl", key), Ledger(state / "ledger.jsonl", key)
+    seen = a.head()
+    b.append(_fields(1, 1.0))  # another process releases first
+    before = (state / "ledger.jsonl").read_bytes()
+    with pytest.raises(LedgerError, match="the ledger changed since this release was planned"):
+        a.append(_fields(2, 2.0), if_head=seen)
+    assert (state / "ledger.jsonl").read_bytes() == before
+    a.append(_fields(2, 2.0), if_head=b.head())
+    assert len(a.entries()) == 2

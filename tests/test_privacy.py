@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,15 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import common.privacy as privacy
-from client.accountant import NodeAccountant
 from common.privacy import (
     ERR_ALREADY_SPENT,
     ERR_DELTA,
     ERR_NOISE,
     ERR_RATE,
-    ERR_STATE_CHANGED,
-    ERR_STATE_CORRUPT,
-    ERR_STATE_MISMATCH,
     ERR_STEPS,
     REFUSAL,
     REFUSAL_NO_DELTA,
@@ -284,93 +277,26 @@ def test_budget_check_fits_and_refuses_with_reason() -> None:
         check_budget(spent=0.0, cost_after=1.0, budget=0)
 
 
-# --------------------------------------------------------------------------------------------- NodeAccountant
+# --------------------------------------------------------------------------------------------- composition
 
 
-@pytest.mark.parametrize("accountant", ["prv", "rdp"])
-def test_node_accountant_continues_after_restart(tmp_path: Path, accountant: str) -> None:
-    path = tmp_path / "state" / "acct.json"
-    rel = DpSgdRelease(1.2, 0.02, 50)
-    uninterrupted = compute_epsilon([rel] * 3, delta=DELTA, accountant=accountant)
-    a = NodeAccountant.load(path, accountant=accountant, delta=DELTA)
-    assert a.epsilon() == 0.0 and a.history == ()
-    a.commit(rel)
-    a.commit(rel)
-    del a
-    b = NodeAccountant.load(path, accountant=accountant, delta=DELTA)  # a fresh process
-    assert b.history == (rel, rel)
-    assert b.epsilon_if(rel) == pytest.approx(uninterrupted, rel=1e-12)
-    assert len(b.history) == 2  # epsilon_if records nothing
-    b.commit(rel)
-    c = NodeAccountant.load(path, accountant=accountant, delta=DELTA)
-    assert c.epsilon() == pytest.approx(uninterrupted, rel=1e-12)
+def test_count_releases_add_by_basic_composition() -> None:
+    base = compute_epsilon([DpSgdRelease(1.0, 0.05, 20)], delta=DELTA, accountant="rdp")
+    total = privacy.total_epsilon([DpSgdRelease(1.0, 0.05, 20)], [CountRelease(0.5), CountRelease(0.25, "geometric")],
+                                  delta=DELTA, accountant="rdp")
+    assert total == pytest.approx(base + 0.75, rel=1e-12)
 
 
-def test_count_releases_add_by_basic_composition(tmp_path: Path) -> None:
-    a = NodeAccountant.load(tmp_path / "a.json", accountant="rdp", delta=DELTA)
-    a.commit(DpSgdRelease(1.0, 0.05, 20))
-    base = a.epsilon()
-    assert a.epsilon_if(CountRelease(0.5)) == pytest.approx(base + 0.5)
-    a.commit(CountRelease(0.5))
-    a.commit(CountRelease(0.25, "geometric"))
-    reloaded = NodeAccountant.load(tmp_path / "a.json", accountant="rdp", delta=DELTA)
-    assert reloaded.count_releases == (CountRelease(0.5), CountRelease(0.25, "geometric"))
-    assert reloaded.epsilon() == pytest.approx(base + 0.75, rel=1e-12)
-
-
-def test_node_accountant_refuses_mismatched_state(tmp_path: Path) -> None:
-    path = tmp_path / "a.json"
-    NodeAccountant.load(path, accountant="rdp", delta=DELTA).commit(DpSgdRelease(1.0, 0.05, 20))
-    message = ERR_STATE_MISMATCH.format(file=path, have_acc="rdp", have_delta=DELTA, want_acc="prv",
-                                        want_delta=DELTA)
-    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
-        NodeAccountant.load(path, accountant="prv", delta=DELTA)
-    with pytest.raises(ValueError, match=re.escape("cannot continue with accountant='rdp', delta=1e-06")):
-        NodeAccountant.load(path, accountant="rdp", delta=1e-6)
-
-
-def test_node_accountant_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "a.json"
-    acct = NodeAccountant.load(path, accountant="rdp", delta=DELTA)
-    acct.commit(DpSgdRelease(1.0, 0.05, 20))
-    before = path.read_bytes()
-    synced: list[int] = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
-
-    def crash(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
-        acct.commit(DpSgdRelease(1.0, 0.05, 20))
-    assert path.read_bytes() == before  # the old state is intact ...
-    assert len(acct.history) == 1  # ... memory did not run ahead of the disk ...
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.json.lock"]  # ... no temp file left
-    assert synced  # the temp file was fsynced before the rename
-    monkeypatch.undo()
-    acct.commit(DpSgdRelease(1.0, 0.05, 20))
-    assert json.loads(path.read_text())["history"] == [[1.0, 0.05, 20], [1.0, 0.05, 20]]
-
-
-def test_node_accountant_detects_concurrent_or_lost_state(tmp_path: Path) -> None:
-    path = tmp_path / "a.json"
-    a = NodeAccountant.load(path, accountant="rdp", delta=DELTA)
-    b = NodeAccountant.load(path, accountant="rdp", delta=DELTA)
-    a.commit(DpSgdRelease(1.0, 0.05, 20))
-    with pytest.raises(ValueError, match=f"^{re.escape(ERR_STATE_CHANGED.format(file=path))}$"):
-        b.commit(DpSgdRelease(1.0, 0.05, 20))  # b decided on a stale ε
-    path.unlink()
-    with pytest.raises(ValueError, match=re.escape(ERR_STATE_CHANGED.format(file=path))):
-        a.commit(DpSgdRelease(1.0, 0.05, 20))  # deleting the state must not reset ε silently
-
-
-def test_node_accountant_reports_corrupt_state(tmp_path: Path) -> None:
-    path = tmp_path / "a.json"
-    path.write_text('{"accountant": "rdp", "delta": 1e-05, "history": [[1.0, 0.05]]')
-    with pytest.raises(ValueError, match=r"cannot read the accountant state .*Do not delete it"):
-        NodeAccountant.load(path, accountant="rdp", delta=DELTA)
-    path.write_text('{"accountant": "rdp", "delta": 1e-05, "history": [[-1.0, 0.05, 3]]}')
-    with pytest.raises(ValueError, match=re.escape(ERR_STATE_CORRUPT.format(
-            file=path, reason=ERR_NOISE.format(value=-1.0)))):
-        NodeAccountant.load(path, accountant="rdp", delta=DELTA)
+def test_calibration_leaves_room_for_pure_releases_already_made() -> None:
+    prior = [DpSgdRelease(1.5, 0.05, 40)]
+    sigma = calibrate_noise_multiplier(target_epsilon=4.0, delta=DELTA, sample_rate=0.05, steps=40, accountant="rdp",
+                                       prior_history=prior, prior_pure_epsilon=1.0)
+    total = privacy.total_epsilon([*prior, DpSgdRelease(sigma, 0.05, 40)], [CountRelease(1.0)], delta=DELTA,
+                                  accountant="rdp")
+    assert 4.0 * 0.99 <= total <= 4.0
+    with pytest.raises(ValueError, match="already used up"):
+        calibrate_noise_multiplier(target_epsilon=1.0, delta=DELTA, sample_rate=0.05, steps=40, accountant="rdp",
+                                   prior_pure_epsilon=1.0)
+    with pytest.raises(ValueError, match=re.escape(privacy.ERR_PRIOR_PURE.format(value=-1.0))):
+        calibrate_noise_multiplier(target_epsilon=1.0, delta=DELTA, sample_rate=0.05, steps=40,
+                                   prior_pure_epsilon=-1.0)

@@ -198,11 +198,12 @@ def test_early_stopping_under_dp_ends_the_ledgers(tmp_path, server_task) -> None
     from audit.run import audit_run
     from common.config import RunConfig
     from server.loop import run_federation
-    from simulations.runner import SimOptions, prepare_nodes
+    from simulations.runner import SimOptions, prepare_nodes, sync_node_split
 
     cfg = RunConfig(num_server_rounds=len(SCRIPT), model="tiny", min_nodes=2, out=str(tmp_path / "run"),
-                    early_stopping_patience=2, noise_seed=0, accountant="rdp", batch_size=16)
+                    early_stopping_patience=2, accountant="rdp", batch_size=16)
     cfg, nodes_dir = prepare_nodes(cfg, SimOptions(nodes=2, synthetic_size=120), tmp_path / "run")
+    sync_node_split(cfg, nodes_dir)  # the simulated nodes account with RDP (fast), as simulate would set it
     run_federation(DpTrainScriptedEval(nodes_dir), cfg, wait_timeout=5)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and rows[-1]["stopped"]

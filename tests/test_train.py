@@ -227,16 +227,21 @@ def test_dp_training_runs_the_planned_mechanism_and_is_seeded(make_model, toy_en
     assert max_abs_diff(runs[0], runs[2]) > 0.0  # the noise seed matters
 
 
-def test_dp_batch_sampling_is_secret_unless_the_noise_seed_is_fixed() -> None:
+def test_dp_batch_sampling_is_secret_unless_the_node_allows_a_fixed_seed() -> None:
     # Amplification by subsampling assumes nobody can predict which records a step used.
     from client.app import _sampling_seed
-    from common.config import RunConfig
+    from common.config import NodeConfig, RunConfig
 
-    deployed = RunConfig()  # noise-seed -1: OS entropy
-    assert len({_sampling_seed(deployed, "site-a", 1, private=True) for _ in range(8)}) > 1
+    def seed(cfg, node, *, run="run-a", private=True):
+        return _sampling_seed(cfg, node, run=run, name="site-a", server_round=1, private=private)
+
+    deployed, strict, lenient = RunConfig(), NodeConfig(), NodeConfig(allow_fixed_noise_seed=True)
+    assert len({seed(deployed, strict) for _ in range(8)}) > 1  # noise-seed -1: OS entropy
     fixed = RunConfig(noise_seed=0)
-    assert _sampling_seed(fixed, "site-a", 1, private=True) == _sampling_seed(fixed, "site-a", 1, private=True)
-    assert _sampling_seed(deployed, "site-a", 1, private=False) == _sampling_seed(deployed, "site-a", 1, private=False)
+    assert len({seed(fixed, strict) for _ in range(8)}) > 1  # the coordinator's seed is not the node's choice
+    assert seed(fixed, lenient) == seed(fixed, lenient)  # reproducible where the node allows it ...
+    assert seed(fixed, lenient, run="run-a") != seed(fixed, lenient, run="run-b")  # ... and never reused
+    assert seed(deployed, strict, private=False) == seed(deployed, strict, private=False)
 
 
 @pytest.mark.parametrize("part", ["head", "full"])
