@@ -194,14 +194,25 @@ def group_confusions_to_wire(group_cms: Mapping[str, np.ndarray], *, labels: Seq
             "groups": {str(g): as_confusion(m).tolist() for g, m in sorted(group_cms.items())}}
 
 
-def group_confusions_from_wire(obj: Mapping[str, Any], *, labels: Sequence[str]) -> dict[str, np.ndarray]:
+def group_confusions_from_wire(obj: Mapping[str, Any], *, labels: Sequence[str],
+                               num_examples: int | None = None) -> dict[str, np.ndarray]:
     """Parse and validate the wire form received from a node against the federation's labels.
 
+    Parameters
+    ----------
+    obj : mapping
+        ``{"labels": [...], "groups": {"g": [[...], ...]}}`` as decoded from JSON.
+    labels : sequence of str, length C
+        The federation's class names in index order.
+    num_examples : int, optional
+        When given (exact, un-noised counts), the counts of all groups together must sum to it.
+
     Raises ``ValueError`` (``ERR_WIRE``) listing every problem: labels that differ (order matters), a group
-    matrix that is not (C, C) non-negative integer counts.
+    matrix that is not (C, C) non-negative integer counts, a total that differs from ``num_examples``.
     """
     problems: list[str] = []
-    got = list(obj.get("labels", [])) if isinstance(obj, Mapping) else None
+    raw = obj.get("labels") if isinstance(obj, Mapping) else None
+    got = list(raw) if isinstance(raw, list | tuple) else raw
     if got != [str(x) for x in labels]:
         problems.append(f"labels {got!r}, expected {list(labels)!r}")
     groups = obj.get("groups") if isinstance(obj, Mapping) else None
@@ -220,6 +231,10 @@ def group_confusions_from_wire(obj: Mapping[str, Any], *, labels: Sequence[str])
             problems.append(f"group {g!r}: shape {a.shape}, expected {(c, c)}")
             continue
         out[str(g)] = a
+    if num_examples is not None and not problems:
+        total = int(sum(int(a.sum()) for a in out.values()))
+        if total != num_examples:
+            problems.append(f"counts sum to {total}, but num-examples is {num_examples}")
     if problems:
         raise ValueError(ERR_WIRE.format(problems="; ".join(problems)))
     return dict(sorted(out.items()))

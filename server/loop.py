@@ -43,6 +43,7 @@ from server.central_dp import CentralDp
 from server.report import write_report
 from server.rundir import RunDir, new_run_id
 from server.selection import Selection, resolve_metric
+from server.validate import ReplyRejected, parse_eval_reply, reply_info
 
 log = logging.getLogger("fedpriv.server")
 
@@ -88,11 +89,6 @@ def _info(reply) -> dict[str, Any]:
     if "info" in reply.content:
         return json.loads(str(reply.content["info"]["json"]))
     return {}
-
-
-def _group_counts_from_json(text: str) -> dict[str, np.ndarray]:
-    obj = json.loads(text)
-    return {g: np.asarray(m, dtype=np.int64) for g, m in obj["groups"].items()}
 
 
 class CentralEval:
@@ -290,19 +286,27 @@ def run_federation(grid, cfg: RunConfig, *, progress: Progress | None = None,
         summed: dict[str, np.ndarray] = {}
         loss_sum, n_eval = 0.0, 0
         for reply in grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout):
+            src = int(reply.metadata.src_node_id)
             if reply.has_error():
-                errors.append({"node_id": int(reply.metadata.src_node_id), "reason": str(reply.error.reason),
-                               "phase": "evaluate"})
+                errors.append({"node_id": src, "reason": str(reply.error.reason), "phase": "evaluate"})
                 continue
-            info = _info(reply)
-            m = dict(reply.content["metrics"])
-            entry = info.get("ledger_entry")
-            if entry:
-                rundir.store_ledger_entry(str(info.get("node")), entry, None)
-            for g, cm in _group_counts_from_json(info["counts"]).items():
-                summed[g] = summed.get(g, 0) + cm
-            loss_sum += float(m.get("loss-sum", 0.0))
-            n_eval += int(m.get("num-examples", 0))
+            name = f"node-{src}"
+            try:
+                info = reply_info(reply)
+                name = str(info.get("node", name))
+                entry = info.get("ledger_entry")
+                if entry:  # a count release the node already paid for: recorded even if its counts are bad
+                    rundir.store_ledger_entry(name, entry, None)
+                m = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
+                counts = parse_eval_reply(info, m, labels=list(cfg.label_names))
+            except ReplyRejected as exc:
+                rejected.append({"node": name, "reason": str(exc), "phase": "evaluate"})
+                log.warning("run=%s round=%d node=%s evaluation rejected: %s", run_id, rnd, name, exc)
+                continue
+            for g, cm in counts.groups.items():
+                summed[g] = summed[g] + cm if g in summed else cm
+            loss_sum += counts.loss_sum
+            n_eval += counts.num_examples
         row["eval_nodes"] = len(eval_msgs)
         row["num_examples_val"] = n_eval
         row["loss"] = loss_sum / n_eval if n_eval else None
