@@ -14,10 +14,11 @@ import numpy as np
 from common.cleaning import CleaningConfig, clean_dataset
 from common.config import RunConfig
 from common.data import Schema, encode, load_dataset
-from common.fairness import fairness_report, group_confusions
+from common.fairness import FairnessReport, fairness_report, group_confusions
 from common.inference import predict
 from common.metrics import classification_metrics
 from common.model import load_tokenizer, to_array_record
+from server.rows import Evaluation
 from server.rundir import RunDir
 from server.validate import ReplyRejected, parse_eval_reply, reply_info
 
@@ -42,21 +43,15 @@ class CentralEval:
         return res.loss_sum / max(res.num_examples, 1), cms
 
 
-def summarise_counts(cms: dict[str, np.ndarray], labels: list[str], *, min_group_size: int,
-                     prefix: str = "") -> dict[str, Any]:
-    """Utility + fairness metrics from summed per-group confusion matrices."""
-
+def evaluation_from_counts(cms: dict[str, np.ndarray], cfg: RunConfig, *, loss: float | None) -> Evaluation:
+    """Utility and fairness from summed per-group confusion matrices (accuracy None when nothing was counted)."""
     if not cms or int(sum(int(np.asarray(m).sum()) for m in cms.values())) == 0:
-        return {f"{prefix}accuracy": None, f"{prefix}macro_f1": None}
-    total = sum(cms.values())
-    cls = classification_metrics(np.asarray(total), labels=labels)
-    out = {
-        f"{prefix}accuracy": cls["accuracy"],
-        f"{prefix}macro_f1": cls["macro_f1"],
-        f"{prefix}classification": cls,
-    }
-    out[f"{prefix}fairness"] = fairness_report(cms, labels=labels, min_group_size=min_group_size)
-    return out
+        return Evaluation(loss=loss)
+    labels = list(cfg.label_names)
+    cls = classification_metrics(np.asarray(sum(cms.values())), labels=labels)
+    fair = fairness_report(cms, labels=labels, min_group_size=cfg.min_group_size)
+    return Evaluation(loss=loss, accuracy=cls["accuracy"], macro_f1=cls["macro_f1"], classification=cls,
+                      fairness=FairnessReport.from_json(fair))
 
 
 @dataclass

@@ -45,6 +45,7 @@ from server.rounds import (
     train,
     wait_for_nodes,
 )
+from server.rows import RoundRow
 from server.rundir import RunDir, new_run_id
 from server.selection import Selection, resolve_metric
 
@@ -62,7 +63,7 @@ class RunSummary:
     run_dir: Path
     run_id: str
     rounds_done: int
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[RoundRow] = field(default_factory=list)
     stopped_reason: str = ""
 
 
@@ -76,7 +77,7 @@ class RunState:
     selection: BestKeeper
     best_fair: BestKeeper | None
     central: CentralDpHolder
-    rows: list[dict[str, Any]]
+    rows: list[RoundRow]
 
 
 def _start_or_resume(cfg: RunConfig, rundir: RunDir, model, emit: Progress) -> RunState:
@@ -110,16 +111,16 @@ def _start_or_resume(cfg: RunConfig, rundir: RunDir, model, emit: Progress) -> R
         if old.get("round"):
             fair.best_round, fair.best_value = int(old["round"]), old.get("metric")
         best_fair = BestKeeper(fair, checkpoint="best_fair_checkpoint", out_dir="best_fair", fixed_value=True,
-                               eligible=lambda row: not row.get("fairness_violations"))
+                               eligible=lambda row: not row.fairness_violations)
     if selection.selection.stopped:
         log.info("run=%s already stopped: %s", run_id, selection.selection.stopped)
     return RunState(run_id=run_id, start_round=int(state.get("round", 0)) + 1, arrays=arrays, selection=selection,
                     best_fair=best_fair, central=CentralDpHolder(state=state.get("central_dp")),
-                    rows=rundir.read_metrics())
+                    rows=rundir.read_rows())
 
 
 def _run_round(grid, cfg: RunConfig, rundir: RunDir, run: RunState, rnd: int, *, model, device,
-               held_out: CentralEval | None, wait_timeout: float) -> tuple[dict[str, Any], str]:
+               held_out: CentralEval | None, wait_timeout: float) -> tuple[RoundRow, str]:
     """One round, sample to checkpoint; returns its row and the early-stopping reason ("" to go on)."""
     t0 = time.perf_counter()
     node_ids = wait_for_nodes(grid, cfg.min_nodes, wait_timeout)
@@ -136,8 +137,8 @@ def _run_round(grid, cfg: RunConfig, rundir: RunDir, run: RunState, rnd: int, *,
                        held_out=central_eval, seconds=time.perf_counter() - t0)
     stopped = checkpoint_round(rundir, rnd=rnd, run_id=run.run_id, row=row, arrays=run.arrays,
                                selection=run.selection, best_fair=run.best_fair, central=run.central)
-    log.info("run=%s round=%d status=%s accuracy=%s nodes=%d seconds=%.1f", run.run_id, rnd, row["status"],
-             row.get("accuracy"), len(trained.updates), row["seconds"])
+    log.info("run=%s round=%d status=%s accuracy=%s nodes=%d seconds=%.1f", run.run_id, rnd, row.status,
+             row.federated.accuracy, len(trained.updates), row.seconds)
     return row, stopped
 
 
@@ -182,7 +183,7 @@ def run_federation(grid, cfg: RunConfig, *, progress: Progress | None = None,
                                   wait_timeout=wait_timeout)
         run.rows.append(row)
         last_done = rnd
-        emit("round_end", row)
+        emit("round_end", row.to_json())
 
     _finish(cfg, rundir, run, model, spec)
     emit("done", {"run_dir": str(rundir.path)})

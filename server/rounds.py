@@ -32,7 +32,8 @@ from common.model import (
 )
 from server.aggregate import Update, aggregate, update_norm, validate_update
 from server.central_dp import CentralDp
-from server.evaluate import FederatedEval, summarise_counts
+from server.evaluate import FederatedEval, evaluation_from_counts
+from server.rows import RoundRow
 from server.rundir import RunDir
 from server.selection import Selection
 from server.validate import ReplyRejected, reply_info
@@ -207,38 +208,28 @@ def aggregate_round(cfg: RunConfig, trained: TrainResult, arrays: dict[str, np.n
 
 def record_round(cfg: RunConfig, *, rnd: int, run_id: str, trained: TrainResult, status: dict[str, Any],
                  fed: FederatedEval, held_out: tuple[float, dict[str, np.ndarray]] | None,
-                 seconds: float) -> dict[str, Any]:
+                 seconds: float) -> RoundRow:
     """The round's row of ``metrics.jsonl`` (selection fields are added by :func:`checkpoint_round`)."""
     per_node = trained.per_node
-    row: dict[str, Any] = {
-        "round": rnd,
-        "run": run_id,
-        "nodes_sampled": len(trained.sampled),
-        "nodes_trained": len(trained.updates),
-        "bytes_down": trained.bytes_down + fed.bytes_down,
-        "bytes_up": trained.bytes_up,
-        "refusals": trained.refusals,
-        "rejected": trained.rejected + fed.rejected,
-        "errors": trained.errors + fed.errors,
-        "nodes": per_node,
-        "epsilon": {n: r["epsilon"] for n, r in per_node.items() if "epsilon" in r},
-        **status,
-        "eval_nodes": fed.nodes_asked,
-        "num_examples_val": fed.num_examples,
-        "loss": fed.loss_sum / fed.num_examples if fed.num_examples else None,
-    }
-    row.update(summarise_counts(fed.counts, cfg.label_names, min_group_size=cfg.min_group_size))
-    if held_out is not None:
-        eval_loss, eval_cms = held_out
-        row["eval_loss"] = eval_loss
-        row.update(summarise_counts(eval_cms, cfg.label_names, min_group_size=cfg.min_group_size, prefix="eval_"))
-    if cfg.fairness_thresholds and row.get("fairness"):
-        row["fairness_violations"] = check_thresholds(row["fairness"], dict(cfg.fairness_thresholds))
+    federated = evaluation_from_counts(fed.counts, cfg, loss=fed.loss_sum / fed.num_examples if fed.num_examples
+                                       else None)
+    row = RoundRow(
+        round=rnd, run=run_id, status=status["status"], reason=status.get("reason"),
+        nodes_sampled=len(trained.sampled), nodes_trained=len(trained.updates),
+        bytes_down=trained.bytes_down + fed.bytes_down, bytes_up=trained.bytes_up,
+        refusals=trained.refusals, rejected=trained.rejected + fed.rejected, errors=trained.errors + fed.errors,
+        nodes=per_node, epsilon={n: r["epsilon"] for n, r in per_node.items() if "epsilon" in r},
+        central_epsilon=status.get("central_epsilon"), eval_nodes=fed.nodes_asked,
+        num_examples_val=fed.num_examples, federated=federated,
+        held_out=evaluation_from_counts(held_out[1], cfg, loss=held_out[0]) if held_out is not None else None,
+        seconds=seconds,
+    )
+    if cfg.fairness_thresholds and federated.fairness is not None:
+        row.fairness_violations = check_thresholds(federated.fairness.to_json(), dict(cfg.fairness_thresholds))
     losses = [(r["train-loss"], r.get("num-examples", 0)) for r in per_node.values()
               if r.get("status") == "ok" and r.get("train-loss") is not None]
     total = sum(n for _, n in losses)
-    row["train_loss"] = sum(v * n for v, n in losses) / total if total else None
-    row["seconds"] = seconds
+    row.train_loss = sum(v * n for v, n in losses) / total if total else None
     return row
 
 
@@ -258,17 +249,17 @@ class BestKeeper:
     checkpoint: str
     out_dir: str
     keep: bool = True
-    eligible: Callable[[dict[str, Any]], bool] = lambda row: True
+    eligible: Callable[[RoundRow], bool] = lambda row: True
     fixed_value: bool = False  # True: a missing metric counts as 0.0 (keep-best-fair's historical rule)
 
-    def offer(self, rundir: RunDir, *, rnd: int, run_id: str, row: dict[str, Any],
+    def offer(self, rundir: RunDir, *, rnd: int, run_id: str, row: RoundRow,
               arrays: dict[str, np.ndarray]) -> bool:
         """Account for the round's row; save its weights when it is the new best. Returns (stop now)."""
         metric = self.selection.metric
-        value = row.get(metric)
+        value = row.metric(metric)
         if value is None and self.fixed_value:
             value = 0.0
-        ok = row.get("status", "ok") == "ok" and self.eligible(row)
+        ok = row.status == "ok" and self.eligible(row)
         view = {"status": "ok" if ok else "ineligible", metric: value}
         improved, stop = self.selection.update(rnd, view)
         if improved and self.keep:
@@ -294,7 +285,7 @@ class BestKeeper:
         return save_pretrained(model, load_tokenizer(cfg.model), rundir.path / self.out_dir)
 
 
-def checkpoint_round(rundir: RunDir, *, rnd: int, run_id: str, row: dict[str, Any],
+def checkpoint_round(rundir: RunDir, *, rnd: int, run_id: str, row: RoundRow,
                      arrays: dict[str, np.ndarray], selection: BestKeeper, best_fair: BestKeeper | None,
                      central: CentralDpHolder) -> str:
     """Best-model candidates, then the metrics line, then the checkpoint (the commit point).
@@ -310,11 +301,11 @@ def checkpoint_round(rundir: RunDir, *, rnd: int, run_id: str, row: dict[str, An
         extra["best"] = {}
     stop = selection.offer(rundir, rnd=rnd, run_id=run_id, row=row, arrays=arrays)
     sel = selection.selection
-    row["selection"] = {"metric": sel.metric, "best_round": sel.best_round, "best_value": sel.best_value,
+    row.selection = {"metric": sel.metric, "best_round": sel.best_round, "best_value": sel.best_value,
                         "rounds_without_improvement": sel.bad_rounds}
     stopped = ""
     if stop:
-        stopped = row["stopped"] = sel.stopped
+        stopped = row.stopped = sel.stopped
         log.info("run=%s %s", run_id, stopped)
     extra["selection"] = sel.state_dict()
     if central.dp is not None:
