@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
 
@@ -194,14 +195,25 @@ def group_confusions_to_wire(group_cms: Mapping[str, np.ndarray], *, labels: Seq
             "groups": {str(g): as_confusion(m).tolist() for g, m in sorted(group_cms.items())}}
 
 
-def group_confusions_from_wire(obj: Mapping[str, Any], *, labels: Sequence[str]) -> dict[str, np.ndarray]:
+def group_confusions_from_wire(obj: Mapping[str, Any], *, labels: Sequence[str],
+                               num_examples: int | None = None) -> dict[str, np.ndarray]:
     """Parse and validate the wire form received from a node against the federation's labels.
 
+    Parameters
+    ----------
+    obj : mapping
+        ``{"labels": [...], "groups": {"g": [[...], ...]}}`` as decoded from JSON.
+    labels : sequence of str, length C
+        The federation's class names in index order.
+    num_examples : int, optional
+        When given (exact, un-noised counts), the counts of all groups together must sum to it.
+
     Raises ``ValueError`` (``ERR_WIRE``) listing every problem: labels that differ (order matters), a group
-    matrix that is not (C, C) non-negative integer counts.
+    matrix that is not (C, C) non-negative integer counts, a total that differs from ``num_examples``.
     """
     problems: list[str] = []
-    got = list(obj.get("labels", [])) if isinstance(obj, Mapping) else None
+    raw = obj.get("labels") if isinstance(obj, Mapping) else None
+    got = list(raw) if isinstance(raw, list | tuple) else raw
     if got != [str(x) for x in labels]:
         problems.append(f"labels {got!r}, expected {list(labels)!r}")
     groups = obj.get("groups") if isinstance(obj, Mapping) else None
@@ -220,6 +232,10 @@ def group_confusions_from_wire(obj: Mapping[str, Any], *, labels: Sequence[str])
             problems.append(f"group {g!r}: shape {a.shape}, expected {(c, c)}")
             continue
         out[str(g)] = a
+    if num_examples is not None and not problems:
+        total = int(sum(int(a.sum()) for a in out.values()))
+        if total != num_examples:
+            problems.append(f"counts sum to {total}, but num-examples is {num_examples}")
     if problems:
         raise ValueError(ERR_WIRE.format(problems="; ".join(problems)))
     return dict(sorted(out.items()))
@@ -481,3 +497,71 @@ def check_thresholds(report: Mapping[str, Any], thresholds: Mapping[str, float])
         if value is not None and ((kind == "max" and value > limit) or (kind == "min" and value < limit)):
             out.append({"metric": metric, "value": value, "threshold": float(limit), "rule": key})
     return out
+
+
+# ------------------------------------------------------------------------------------------- typed report
+
+
+@dataclass(frozen=True)
+class Gap:
+    """One gap of a fairness report: ``value`` (None when undefined, with ``undefined_reason``) and the rest of
+    its JSON fields (``groups_compared``, ``max_group``, ``min_group``, ``excluded``, and where they apply
+    ``binding``, ``components``, ``group``, ``class``) kept as written."""
+
+    value: float | None
+    undefined_reason: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"value": self.value, "undefined_reason": self.undefined_reason, **self.details}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Gap:
+        rest = {k: v for k, v in obj.items() if k not in ("value", "undefined_reason")}
+        return cls(value=obj.get("value"), undefined_reason=obj.get("undefined_reason"), details=rest)
+
+
+@dataclass(frozen=True)
+class FairnessReport:
+    """The typed form of :func:`fairness_report`'s JSON (the one reader: :meth:`from_json`; the one writer:
+    :meth:`to_json`, which gives back the JSON as written). Field meanings: see :func:`fairness_report`.
+
+    ``groups`` keeps each group's entry as written (``n``, ``small_group``, and rates
+    ``{"value", "ci_low", "ci_high", "undefined_reason"}``); read a rate with :meth:`rate`.
+    """
+
+    kind: str
+    labels: list[str]
+    gaps: dict[str, Gap]
+    groups: dict[str, dict[str, Any]]
+    small_groups: list[str]
+    confidence: float = 0.95
+    min_group_size: int = 30
+    extra: dict[str, Any] = field(default_factory=dict)  # binary: positive_label/index, overall; multi: per_class
+
+    def gap(self, name: str) -> float | None:
+        """The value of gap ``name``; None when undefined or absent."""
+        g = self.gaps.get(name)
+        return None if g is None else g.value
+
+    def headline(self) -> float | None:
+        """The headline gap (``HEADLINE_GAP``, equalized-odds difference)."""
+        return self.gap(HEADLINE_GAP)
+
+    def rate(self, group: str, name: str) -> float | None:
+        """The value of rate ``name`` (``tpr``, ``fpr``, ``selection_rate``, ``accuracy``, ...) of ``group``."""
+        return ((self.groups.get(group) or {}).get(name) or {}).get("value")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "labels": list(self.labels), "confidence": self.confidence,
+                "min_group_size": self.min_group_size, **self.extra, "groups": self.groups,
+                "gaps": {k: g.to_json() for k, g in self.gaps.items()}, "small_groups": list(self.small_groups)}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> FairnessReport:
+        known = ("kind", "labels", "confidence", "min_group_size", "groups", "gaps", "small_groups")
+        return cls(kind=str(obj.get("kind", "binary")), labels=list(obj.get("labels") or []),
+                   gaps={k: Gap.from_json(g) for k, g in (obj.get("gaps") or {}).items()},
+                   groups=dict(obj.get("groups") or {}), small_groups=list(obj.get("small_groups") or []),
+                   confidence=float(obj.get("confidence", 0.95)), min_group_size=int(obj.get("min_group_size", 30)),
+                   extra={k: v for k, v in obj.items() if k not in known})

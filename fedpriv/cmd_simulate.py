@@ -10,6 +10,7 @@ from pathlib import Path
 
 from common.config import ConfigError, RunConfig, parse_kv_string
 from common.data import DataError
+from server.rows import RoundRow
 from server.rundir import RunDir
 from simulations.crossval import fold_configs, summarize, write_summary
 from simulations.runner import SimOptions, apply_env, prepare_nodes
@@ -254,7 +255,7 @@ def _cross_validate(cfg, args: argparse.Namespace, opts, nodes_dir: Path, consol
 def _stop_reason(run_dir: Path) -> str:
     """Why the run stopped early, from metrics.jsonl ("" when it ran every round)."""
 
-    return next((str(r["stopped"]) for r in RunDir(run_dir).read_metrics() if r.get("stopped")), "")
+    return next((r.stopped for r in RunDir(run_dir).read_rows() if r.stopped), "")
 
 
 class RoundDisplay:
@@ -265,7 +266,7 @@ class RoundDisplay:
         self.cfg = cfg
         self.quiet = quiet
         self.status = None
-        self.rows: list[dict] = []
+        self.rows: list[RoundRow] = []
 
     def __call__(self, event: str, payload: dict) -> None:
         if self.quiet:
@@ -279,8 +280,9 @@ class RoundDisplay:
             self.console.print(f"resuming after round {payload['round']}")
         elif event == "round_end":
             self._stop_status()
-            self.rows.append(payload)
-            self.console.print(self._line(payload))
+            row = RoundRow.from_json(payload)
+            self.rows.append(row)
+            self.console.print(self._line(row))
 
     def _stop_status(self) -> None:
         if self.status is not None:
@@ -291,26 +293,22 @@ class RoundDisplay:
     def _fmt(v, d=3) -> str:
         return "—" if v is None else f"{v:.{d}f}"
 
-    def _line(self, r: dict) -> str:
-        eps = r.get("epsilon") or {}
-        gap = None
-        fair = r.get("fairness") or {}
-        gaps = fair.get("gaps") or {}
-        g = gaps.get("equalized_odds_difference")
-        gap = g.get("value") if isinstance(g, dict) else g
-        parts = [f"round {r['round']:>2}", f"status {r.get('status')}", f"acc {self._fmt(r.get('accuracy'))}",
-                 f"macro-F1 {self._fmt(r.get('macro_f1'))}", f"loss {self._fmt(r.get('loss'))}"]
-        if "eval_accuracy" in r:
-            parts.append(f"eval acc {self._fmt(r.get('eval_accuracy'))}")
+    def _line(self, r: RoundRow) -> str:
+        eps = r.epsilon
+        gap = r.fairness.headline() if r.fairness is not None else None
+        parts = [f"round {r.round:>2}", f"status {r.status}", f"acc {self._fmt(r.federated.accuracy)}",
+                 f"macro-F1 {self._fmt(r.federated.macro_f1)}", f"loss {self._fmt(r.federated.loss)}"]
+        if r.held_out is not None:
+            parts.append(f"eval acc {self._fmt(r.held_out.accuracy)}")
         if eps:
             parts.append(f"ε max {max(eps.values()):.2f}")
         if gap is not None:
             parts.append(f"EO gap {gap:.3f}")
-        if r.get("refusals"):
-            parts.append(f"[yellow]{len(r['refusals'])} refused[/]")
-        if r.get("rejected") or r.get("errors"):
-            parts.append(f"[red]{len(r.get('rejected', [])) + len(r.get('errors', []))} failed[/]")
-        parts.append(f"{r.get('seconds', 0):.0f}s")
+        if r.refusals:
+            parts.append(f"[yellow]{len(r.refusals)} refused[/]")
+        if r.rejected or r.errors:
+            parts.append(f"[red]{len(r.rejected) + len(r.errors)} failed[/]")
+        parts.append(f"{r.seconds:.0f}s")
         return " | ".join(parts)
 
     def finish(self) -> None:
@@ -323,12 +321,9 @@ class RoundDisplay:
         for col in ("round", "status", "accuracy", "macro-F1", "loss", "eval acc", "max ε", "EO gap", "nodes"):
             t.add_column(col, justify="right")
         for r in self.rows:
-            eps = r.get("epsilon") or {}
-            gaps = (r.get("fairness") or {}).get("gaps") or {}
-            g = gaps.get("equalized_odds_difference")
-            g = g.get("value") if isinstance(g, dict) else g
-            t.add_row(str(r["round"]), str(r.get("status")), self._fmt(r.get("accuracy")),
-                      self._fmt(r.get("macro_f1")), self._fmt(r.get("loss")), self._fmt(r.get("eval_accuracy")),
-                      self._fmt(max(eps.values()) if eps else None, 2), self._fmt(g),
-                      str(r.get("nodes_trained")))
+            eps = r.epsilon
+            g = r.fairness.headline() if r.fairness is not None else None
+            t.add_row(str(r.round), r.status, self._fmt(r.federated.accuracy), self._fmt(r.federated.macro_f1),
+                      self._fmt(r.federated.loss), self._fmt(r.held_out.accuracy if r.held_out else None),
+                      self._fmt(max(eps.values()) if eps else None, 2), self._fmt(g), str(r.nodes_trained))
         self.console.print(t)

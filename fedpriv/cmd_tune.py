@@ -25,7 +25,7 @@ from fedpriv.cmd_simulate import (
 )
 from server.plots import plot_trials
 from simulations import tune
-from simulations.runner import apply_env, nodes_ledger_epsilon, prepare_nodes
+from simulations.runner import apply_env, prepare_nodes
 from simulations.tune import TuneError
 
 ERR_OUT_EXISTS = "--out {out} already exists and is not empty; choose a new directory (a search is not resumed)"
@@ -92,13 +92,11 @@ def _tune(args: argparse.Namespace) -> int:
     if args.out is None:
         args.out = str(Path("runs") / time.strftime("tune-%Y%m%d-%H%M%S"))
     cfg = build_config(args)
-    kind = tune.check_data_kind(data=args.data or "", data_is=args.data_is, private_ok=args.private_ok, dp=cfg.dp)
-    private = kind == "private"
-    metric = args.metric or ("eval_accuracy" if cfg.eval_data else "accuracy")
-    budget = min(args.epsilon, cfg.epsilon) if cfg.epsilon > 0 else args.epsilon
-    tune_epsilon = args.tune_epsilon if args.tune_epsilon is not None else budget / 2
-    tune.check_settings(trials=args.trials, metric=metric, eval_data=cfg.eval_data, private=private,
-                        tune_epsilon=tune_epsilon, budget=budget)
+    policy = tune.tuning_policy(cfg, data=args.data or "", data_is=args.data_is, private_ok=args.private_ok,
+                                trials=args.trials, metric=args.metric, epsilon=args.epsilon,
+                                tune_epsilon=args.tune_epsilon)
+    kind, private, metric = policy.kind, policy.private, policy.metric
+    tune_epsilon = policy.tune_epsilon
     space = tune.load_space(args.space, base=cfg)
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()):
@@ -114,12 +112,10 @@ def _tune(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with console.status("preparing node data..."):
         cfg, nodes_dir = prepare_nodes(cfg, opts, out)
-    if private:
-        _warn(tune.WARN_PRIVATE.format(trials=args.trials, rounds=cfg.num_server_rounds, tune_epsilon=tune_epsilon,
-                                       delta=opts.delta, budget=budget, state=nodes_dir / "node-*" / "state",
-                                       left=budget - tune_epsilon))
-        if not metric.startswith("eval_") and opts.count_noise_epsilon <= 0 and cfg.count_noise_epsilon <= 0:
-            _warn(tune.WARN_PRIVATE_METRIC.format(metric=metric))
+    for text in policy.warnings(trials=args.trials, rounds=cfg.num_server_rounds, delta=opts.delta,
+                                state=nodes_dir / "node-*" / "state",
+                                count_noise_epsilon=max(opts.count_noise_epsilon, cfg.count_noise_epsilon)):
+        _warn(text)
     searched = [d.key for d in space.dims if d.low is not None or d.choices]
     console.print(f"[bold]fedpriv tune[/]: {args.trials} trials x {cfg.num_server_rounds} rounds on {opts.nodes} "
                   f"nodes, model {cfg.model}, metric {metric}, searching {', '.join(searched) or 'nothing'}; "
@@ -153,8 +149,8 @@ def _tune(args: argparse.Namespace) -> int:
     finally:
         if status is not None:
             status.stop()
-    return _finish(console, result, args=args, cfg=cfg, out=out, metric=metric, kind=kind, searched=searched,
-                   budget=budget, tune_epsilon=tune_epsilon, space=space, seconds=time.perf_counter() - start)
+    return _finish(console, result, args=args, cfg=cfg, out=out, policy=policy, searched=searched, space=space,
+                   seconds=time.perf_counter() - start)
 
 
 def _fmt(v) -> str:
@@ -165,12 +161,12 @@ def _fmt_params(params: dict, keys: list[str]) -> str:
     return " ".join(f"{k}={_fmt(params[k])}" for k in keys if k in params)
 
 
-def _finish(console, result, *, args, cfg, out: Path, metric: str, kind: str, searched: list[str], budget: float,
-            tune_epsilon: float, space, seconds: float) -> int:
+def _finish(console, result, *, args, cfg, out: Path, policy: tune.TuningPolicy, searched: list[str], space,
+            seconds: float) -> int:
     from rich.table import Table
 
-
-    private = kind == "private"
+    kind, private, metric = policy.kind, policy.private, policy.metric
+    budget, tune_epsilon = policy.budget, policy.tune_epsilon
     recs = result.records
     plot_trials([r.value for r in recs], out / "trials.png", metric=metric,
                 title=f"fedpriv tune: {metric} per trial ({kind} data)")
@@ -185,13 +181,7 @@ def _finish(console, result, *, args, cfg, out: Path, metric: str, kind: str, se
                       f"{max(r.epsilon.values()):.3g}" if r.epsilon else "—", f"{r.seconds:.0f}")
     console.print(table)
 
-    spent = 0.0
-    if private:
-        # The nodes' own ledgers hold every release, also those of a trial that crashed mid-way and noised
-        # evaluation counts, which the trials' metrics rows can miss.
-
-        on_ledger = nodes_ledger_epsilon(out / "nodes").values()
-        spent = max([*on_ledger, *(max(r.epsilon.values()) for r in recs if r.epsilon)], default=0.0)
+    spent = policy.spent(out / "nodes", recs)
     ledger_counts: dict[str, int] = {}
     if private:
         ledger_counts = tune.combine_ledgers([out / "trials" / f"trial-{r.trial:03d}" for r in recs],
@@ -209,9 +199,7 @@ def _finish(console, result, *, args, cfg, out: Path, metric: str, kind: str, se
         print(f"fedpriv tune: {ERR_NO_BEST.format(failed=len(recs))}", file=sys.stderr)
         return 1
     best = result.best
-    # What the final run may spend: the budget minus the most tuning *could* have spent (each node was capped
-    # at tune_epsilon), never minus a measured figure that a lost row could understate.
-    left = budget - tune_epsilon if private else None
+    left = policy.left
     values = tune.best_run_config(cfg, best.params, epsilon=left)
     comments = [
         f"fedpriv tune: best of {len(recs)} trials is trial {best.trial}: {metric} = {best.value:.4f} after "

@@ -12,6 +12,7 @@ from typing import Any
 
 from common.cleaning import RULES
 from common.config import RunConfig
+from common.fairness import FairnessReport
 from common.fsutil import atomic_write_text
 from server import plots
 from server.htmlreport import markdown_to_html
@@ -86,7 +87,7 @@ def write_report(rundir: RunDir, cfg: RunConfig) -> tuple[Path, Path]:
     fair = last.get("fairness")
     if fair:
         md += ["## Fairness (last round, federated validation)", ""]
-        md += _fairness_md(fair)
+        md += _fairness_md(FairnessReport.from_json(fair))
     md += ["## Rounds", "", "| round | status | accuracy | macro-F1 | loss | eval acc | nodes | seconds |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -127,26 +128,22 @@ def _cleaning_md(cleaning: dict[str, Any], *, spec: str) -> list[str]:
     return out
 
 
-def _value(v: Any) -> Any:
-    return v.get("value") if isinstance(v, dict) else v
-
-
-def _fairness_md(fair: dict[str, Any]) -> list[str]:
+def _fairness_md(fair: FairnessReport) -> list[str]:
     out: list[str] = []
-    groups = fair.get("groups") or {}
+    groups = fair.groups
     if groups:
         out += ["| group | n | selection rate | accuracy | TPR | FPR | small |", "|---|---|---|---|---|---|---|"]
         for g, m in sorted(groups.items()):
-            vals = [_fmt(_value(m.get(k))) for k in ("selection_rate", "accuracy", "tpr", "fpr")]
+            vals = [_fmt(fair.rate(g, k)) for k in ("selection_rate", "accuracy", "tpr", "fpr")]
             out.append(f"| {g} | {m.get('n')} | " + " | ".join(vals) + f" | {'yes' if m.get('small_group') else ''} |")
         out.append("")
-    gaps = fair.get("gaps") or {}
+    gaps = fair.gaps
     if gaps:
         out += ["| gap | value |", "|---|---|"]
-        out += [f"| {k} | {_fmt(_value(v))} |" for k, v in sorted(gaps.items())]
+        out += [f"| {k} | {_fmt(v.value)} |" for k, v in sorted(gaps.items())]
         out.append("")
     if not groups and not gaps:
-        out += ["```", json.dumps(fair, indent=1)[:4000], "```", ""]
+        out += ["```", json.dumps(fair.to_json(), indent=1)[:4000], "```", ""]
     return out
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from common.fsutil import atomic_write_bytes, atomic_write_text
+from server.rows import RoundRow
 
 
 class RunDir:
@@ -67,28 +68,36 @@ class RunDir:
         atomic_write_text(self.config_path, json.dumps({**mapping, "fedpriv-run": run_id}, indent=2, sort_keys=True))
 
     # ------------------------------------------------------------------------------------ metrics
-    def read_metrics(self) -> list[dict[str, Any]]:
+    def read_rows(self) -> list[RoundRow]:
+        """The rows of ``metrics.jsonl`` (the one reader); a line that is not JSON is named in the error."""
         if not self.metrics_path.exists():
             return []
         rows = []
         for i, line in enumerate(self.metrics_path.read_text().splitlines(), start=1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    rows.append(RoundRow.from_json(json.loads(line)))
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{self.metrics_path}, line {i}: not valid JSON ({exc.msg})") from None
         return rows
 
-    def append_metrics(self, row: dict[str, Any]) -> None:
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The rows as their JSON mappings (for the charts, which plot any key)."""
+        return [r.to_json() for r in self.read_rows()]
+
+    def append_metrics(self, row: RoundRow) -> None:
+        """Append one row to ``metrics.jsonl`` (the one writer), fsynced; NaN/Inf are refused."""
         self.path.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(row.to_json(), sort_keys=True, allow_nan=False, default=_json_default) + "\n"
         with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, sort_keys=True, allow_nan=False, default=_json_default) + "\n")
+            f.write(line)
             f.flush()
             os.fsync(f.fileno())
 
     def truncate_metrics_after(self, last_round: int) -> None:
-        rows = [r for r in self.read_metrics() if int(r.get("round", 0)) <= last_round]
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        rows = [r for r in self.read_rows() if r.round <= last_round]
+        atomic_write_text(self.metrics_path, "".join(
+            json.dumps(r.to_json(), sort_keys=True, default=_json_default) + "\n" for r in rows))
 
     # ------------------------------------------------------------------------------------ checkpoint
     def load_checkpoint(self) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:

@@ -15,12 +15,12 @@ def summarise(run_dir: str | Path) -> dict[str, Any]:
     if not rd.config_path.exists() and not rd.metrics_path.exists():
         raise FileNotFoundError(f"{rd.path} is not a fedpriv run directory (no config.json or metrics.jsonl)")
     cfg = json.loads(rd.config_path.read_text()) if rd.config_path.exists() else {}
-    rows = rd.read_metrics()
+    rows = rd.read_rows()
     state_path = rd.checkpoint_dir / "state.json"
     ckpt_round = json.loads(state_path.read_text())["round"] if state_path.exists() else 0
     nodes: dict[str, dict[str, Any]] = {}
     for r in rows:
-        for name, n in (r.get("nodes") or {}).items():
+        for name, n in r.nodes.items():
             d = nodes.setdefault(name, {"rounds_trained": 0, "refusals": 0, "rejected": 0})
             status = n.get("status")
             d["rounds_trained"] += status == "ok"
@@ -28,9 +28,8 @@ def summarise(run_dir: str | Path) -> dict[str, Any]:
             d["rejected"] += status == "rejected"
             if "epsilon" in n:
                 d["epsilon"] = n["epsilon"]
-    last = rows[-1] if rows else {}
-    gaps = (last.get("fairness") or {}).get("gaps") or {}
-    eo = gaps.get("equalized_odds_difference")
+    last = rows[-1] if rows else None
+    fair = last.fairness if last is not None else None
     return {
         "run_dir": str(rd.path),
         "run_id": cfg.get("fedpriv-run"),
@@ -39,8 +38,8 @@ def summarise(run_dir: str | Path) -> dict[str, Any]:
         "checkpoint_round": ckpt_round,
         "finished": (rd.model_dir / "config.json").exists() and len(rows) >= int(cfg.get("num-server-rounds", 0) or 0),
         "nodes": nodes,
-        "last_accuracy": last.get("accuracy"),
-        "last_eval_accuracy": last.get("eval_accuracy"),
-        "last_equalized_odds_difference": eo.get("value") if isinstance(eo, dict) else eo,
-        "failed_rounds": [r["round"] for r in rows if r.get("status") == "failed"],
+        "last_accuracy": last.federated.accuracy if last is not None else None,
+        "last_eval_accuracy": last.held_out.accuracy if last is not None and last.held_out is not None else None,
+        "last_equalized_odds_difference": fair.headline() if fair is not None else None,
+        "failed_rounds": [r.round for r in rows if r.status == "failed"],
     }

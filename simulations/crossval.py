@@ -19,6 +19,7 @@ from typing import Any
 
 from common.config import RunConfig
 from common.seeds import derived_seed
+from server.rows import RoundRow
 from server.rundir import RunDir
 from simulations.runner import nodes_ledger_epsilon
 
@@ -54,13 +55,13 @@ def _number(x: Any) -> float | None:
     return float(x) if math.isfinite(float(x)) else None
 
 
-def fold_metrics(row: dict[str, Any]) -> dict[str, float]:
+def fold_metrics(row: RoundRow) -> dict[str, float]:
     """The scalar metrics of one round's row: utility keys and the fairness gaps (``gap.<name>``)."""
-    out = {k: v for k in METRIC_KEYS if (v := _number(row.get(k))) is not None}
-    gaps = (row.get("fairness") or {}).get("gaps") or {}
-    for k in GAP_KEYS:
-        if (v := _number((gaps.get(k) or {}).get("value"))) is not None:
-            out[f"gap.{k}"] = v
+    out = {k: v for k in METRIC_KEYS if (v := row.metric(k)) is not None}
+    if row.fairness is not None:
+        for k in GAP_KEYS:
+            if (v := _number(row.fairness.gap(k))) is not None:
+                out[f"gap.{k}"] = v
     return out
 
 
@@ -72,14 +73,14 @@ def summarize(out: Path, folds: int) -> dict[str, Any]:
     per_fold: list[dict[str, Any]] = []
     eps: dict[str, float] = {}
     for k in range(folds):
-        all_rows = RunDir(out / f"fold-{k}").read_metrics()
+        all_rows = RunDir(out / f"fold-{k}").read_rows()
         for r in all_rows:
-            for node, e in (r.get("epsilon") or {}).items():
+            for node, e in r.epsilon.items():
                 if (v := _number(e)) is not None:
                     eps[node] = max(eps.get(node, 0.0), v)
-        rows = [r for r in all_rows if r.get("status") == "ok"]
+        rows = [r for r in all_rows if r.status == "ok"]
         if rows:
-            per_fold.append({"fold": k, "round": rows[-1]["round"], **fold_metrics(rows[-1])})
+            per_fold.append({"fold": k, "round": rows[-1].round, **fold_metrics(rows[-1])})
     stats: dict[str, dict[str, float]] = {}
     keys = sorted({k for f in per_fold for k in f if k not in ("fold", "round")})
     for key in keys:

@@ -36,6 +36,7 @@ from typing import Any
 from common.config import ConfigError, RunConfig
 from common.fsutil import atomic_write_bytes
 from common.seeds import derived_seed
+from server.rows import RoundRow
 from server.rundir import RunDir
 from simulations import runner as simulation_runner
 
@@ -197,6 +198,86 @@ def check_settings(*, trials: int, metric: str, eval_data: str, private: bool, t
         raise TuneError(ERR_METRIC_EVAL.format(metric=metric))
     if private and not (math.isfinite(tune_epsilon) and 0 < tune_epsilon < budget):
         raise TuneError(ERR_TUNE_EPSILON.format(budget=budget, value=tune_epsilon))
+
+
+@dataclass(frozen=True)
+class TuningPolicy:
+    """What a search may spend of each node's privacy budget, decided before any work.
+
+    ``budget`` is the nodes' ε budget (the smaller of ``--epsilon`` and the run config's ``epsilon``);
+    on private data the search may spend up to ``tune_epsilon`` of it (default half) and the final run is
+    asked to stay within :attr:`left`. Public and synthetic data spend nothing that needs accounting.
+    """
+
+    kind: str  # "public", "synthetic" or "private"
+    metric: str
+    budget: float
+    tune_epsilon: float
+
+    @property
+    def private(self) -> bool:
+        return self.kind == "private"
+
+    @property
+    def left(self) -> float | None:
+        """ε left for the final run: the budget minus the most tuning *could* have spent (each node was capped
+        at ``tune_epsilon``), never minus a measured figure that a lost row could understate. None when the
+        data is not private."""
+        return self.budget - self.tune_epsilon if self.private else None
+
+    def warnings(self, *, trials: int, rounds: int, delta: float, state: Path,
+                 count_noise_epsilon: float) -> list[str]:
+        """The warnings to print before a search on private data (none otherwise)."""
+        if not self.private:
+            return []
+        out = [WARN_PRIVATE.format(trials=trials, rounds=rounds, tune_epsilon=self.tune_epsilon, delta=delta,
+                                   budget=self.budget, state=state, left=self.left)]
+        if not self.metric.startswith("eval_") and count_noise_epsilon <= 0:
+            out.append(WARN_PRIVATE_METRIC.format(metric=self.metric))
+        return out
+
+    def spent(self, nodes_dir: Path, records: Sequence[TrialRecord]) -> float:
+        """The most ε any node spent on the search: from the nodes' own ledgers, which hold every release (also
+        a trial that crashed mid-way, and noised evaluation counts, which the trials' rows can miss), or the
+        trials' records, whichever is larger. 0 when the data is not private."""
+        if not self.private:
+            return 0.0
+        on_ledger = simulation_runner.nodes_ledger_epsilon(nodes_dir).values()
+        return max([*on_ledger, *(max(r.epsilon.values()) for r in records if r.epsilon)], default=0.0)
+
+
+def tuning_policy(base: RunConfig, *, data: str, data_is: str | None, private_ok: bool, trials: int,
+                  metric: str | None, epsilon: float, tune_epsilon: float | None) -> TuningPolicy:
+    """Check the data kind and the search settings and decide the privacy budget of a search.
+
+    Parameters
+    ----------
+    base : RunConfig
+        The trials' common configuration (its ``epsilon`` > 0 lowers the budget; ``eval_data`` sets the
+        default metric).
+    data, data_is, private_ok :
+        See :func:`check_data_kind`.
+    trials : int
+        Number of trials (>= 1).
+    metric : str or None
+        What to maximise; None: ``eval_accuracy`` with a server-held set, else ``accuracy``.
+    epsilon : float
+        The nodes' budget (``--epsilon``).
+    tune_epsilon : float or None
+        What the search may spend on private data; None: half the budget. Must be in (0, budget).
+
+    Raises
+    ------
+    TuneError
+        Naming the first problem.
+    """
+    kind = check_data_kind(data=data, data_is=data_is, private_ok=private_ok, dp=base.dp)
+    metric = metric or ("eval_accuracy" if base.eval_data else "accuracy")
+    budget = min(epsilon, base.epsilon) if base.epsilon > 0 else epsilon
+    tune_eps = tune_epsilon if tune_epsilon is not None else budget / 2
+    check_settings(trials=trials, metric=metric, eval_data=base.eval_data, private=kind == "private",
+                   tune_epsilon=tune_eps, budget=budget)
+    return TuningPolicy(kind=kind, metric=metric, budget=budget, tune_epsilon=tune_eps)
 
 
 def trial_epsilon_cap(*, trial: int, trials: int, tune_epsilon: float) -> float:
@@ -540,33 +621,33 @@ class FederationObjective:
             self._drop_model(trial_dir)
             raise TrialFailed(f"the federation failed: {type(exc).__name__}: {exc}", epsilon=dict(self.spent),
                               run_dir=str(trial_dir)) from exc
-        rows = RunDir(trial_dir).read_metrics()
+        rows = RunDir(trial_dir).read_rows()
         eps_after = dict(self.spent) if self.private else {}
         for row in rows:
-            for node, eps in (row.get("epsilon") or {}).items():
+            for node, eps in row.epsilon.items():
                 eps_after[node] = float(eps)
         eps_trial = {n: e - (self.spent.get(n, 0.0) if self.private else 0.0) for n, e in eps_after.items()}
         if self.private:
             self.spent = dict(eps_after)
-        failed = [r for r in rows if r.get("status") != "ok"]
-        value = rows[-1].get(self.metric) if rows else None
-        if not rows or failed or not isinstance(value, int | float) or isinstance(value, bool):
+        failed = [r for r in rows if r.status != "ok"]
+        value = rows[-1].metric(self.metric) if rows else None
+        if not rows or failed or value is None:
             self._drop_model(trial_dir)
             raise TrialFailed(self._failure_reason(rows, failed), epsilon=eps_after, epsilon_trial=eps_trial,
                               run_dir=str(trial_dir))
         self._keep_if_best(float(value), trial_dir)
         return TrialOutcome(value=float(value), epsilon=eps_after, epsilon_trial=eps_trial, run_dir=str(trial_dir))
 
-    def _failure_reason(self, rows: Sequence[Mapping[str, Any]], failed: Sequence[Mapping[str, Any]]) -> str:
+    def _failure_reason(self, rows: Sequence[RoundRow], failed: Sequence[RoundRow]) -> str:
         if not rows:
             return "no round completed"
         if failed:
             r = failed[0]
-            why = [f"{x['node']}: {x['reason']}" for x in r.get("refusals") or []]
-            why += [str(x.get("reason")) for x in (r.get("rejected") or []) + (r.get("errors") or [])]
+            why = [f"{x['node']}: {x['reason']}" for x in r.refusals]
+            why += [str(x.get("reason")) for x in r.rejected + r.errors]
             why = list(dict.fromkeys(why))  # one line per distinct reason (every node may say the same)
             detail = f" ({'; '.join(why)})" if why else ""
-            return f"round {r.get('round')} failed: {r.get('reason', 'status ' + str(r.get('status')))}{detail}"
+            return f"round {r.round} failed: {r.reason if r.reason is not None else 'status ' + r.status}{detail}"
         return f"the last round has no {self.metric!r}"
 
     def _drop_model(self, trial_dir: Path) -> None:

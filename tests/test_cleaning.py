@@ -457,7 +457,7 @@ def test_counts_stay_on_the_node_unless_it_opts_in(tmp_path, server_task) -> Non
     from client.app import handle_train
     from common.config import RunConfig
     from common.model import ModelSpec, build_model, to_array_record, trainable_state
-    from server.loop import _config_record
+    from server.rounds import config_record
     from simulations.runner import SimOptions, prepare_nodes
 
 
@@ -471,7 +471,7 @@ def test_counts_stay_on_the_node_unless_it_opts_in(tmp_path, server_task) -> Non
         node_cfg["share-cleaning-counts"] = share
         path.write_text(_json.dumps(node_cfg))
         msg = Message(RecordDict({"arrays": to_array_record(arrays),
-                                  "config": _config_record(cfg, run_id="r", server_round=1)}),
+                                  "config": config_record(cfg, run_id="r", server_round=1)}),
                       dst_node_id=1, message_type=MessageType.TRAIN)
         ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
         return dict(handle_train(msg, ctx, sim_nodes_dir=str(nodes_dir)).content["metrics"])

@@ -25,7 +25,7 @@ from common.config import RunConfig
 from common.ledger import head_path, load_public_key, verify_ledger
 from common.model import ModelSpec, build_model, to_array_record, trainable_state
 from common.seeds import derived_seed
-from server.loop import _config_record
+from server.rounds import config_record as _config_record
 from simulations.runner import SimOptions, prepare_nodes
 
 BUDGET = 3.0

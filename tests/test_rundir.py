@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from server.rows import RoundRow
 from server.rundir import RunDir
 from server.status import summarise
 
@@ -59,19 +60,19 @@ def test_failed_write_leaves_last_good_checkpoint(tmp_path: Path, monkeypatch: p
 def test_metrics_after_checkpointed_round_are_dropped_on_resume(tmp_path: Path) -> None:
     rd = RunDir(tmp_path)
     for r in (1, 2, 3):
-        rd.append_metrics({"round": r, "accuracy": r / 10})
+        rd.append_metrics(RoundRow.from_json({"round": r, "accuracy": r / 10}))
     rd.truncate_metrics_after(2)
     assert [row["round"] for row in rd.read_metrics()] == [1, 2]
 
 
 def test_metrics_refuse_nan(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
-        RunDir(tmp_path).append_metrics({"round": 1, "accuracy": float("nan")})
+        RunDir(tmp_path).append_metrics(RoundRow.from_json({"round": 1, "accuracy": float("nan")}))
 
 
 def test_corrupt_metrics_line_is_named(tmp_path: Path) -> None:
     rd = RunDir(tmp_path)
-    rd.append_metrics({"round": 1})
+    rd.append_metrics(RoundRow.from_json({"round": 1}))
     with open(rd.metrics_path, "a") as f:
         f.write("{not json\n")
     with pytest.raises(ValueError, match=r"metrics.jsonl, line 2"):
@@ -91,11 +92,11 @@ def test_ledger_copy_is_idempotent(tmp_path: Path) -> None:
 def test_status_summarises_rounds_nodes_and_epsilon(tmp_path: Path) -> None:
     rd = RunDir(tmp_path)
     rd.write_config({"num-server-rounds": 3}, run_id="run1")
-    rd.append_metrics({"round": 1, "status": "ok", "accuracy": 0.6,
-                       "nodes": {"a": {"status": "ok", "epsilon": 1.0}, "b": {"status": "refused"}}})
-    rd.append_metrics({"round": 2, "status": "failed", "accuracy": 0.6,
+    rd.append_metrics(RoundRow.from_json({"round": 1, "status": "ok", "accuracy": 0.6,
+                       "nodes": {"a": {"status": "ok", "epsilon": 1.0}, "b": {"status": "refused"}}}))
+    rd.append_metrics(RoundRow.from_json({"round": 2, "status": "failed", "accuracy": 0.6,
                        "fairness": {"gaps": {"equalized_odds_difference": {"value": 0.25}}},
-                       "nodes": {"a": {"status": "ok", "epsilon": 2.0}, "b": {"status": "rejected"}}})
+                       "nodes": {"a": {"status": "ok", "epsilon": 2.0}, "b": {"status": "rejected"}}}))
     s = summarise(tmp_path)
     assert s["run_id"] == "run1" and s["rounds_done"] == 2 and s["rounds_planned"] == 3
     assert s["nodes"]["a"] == {"rounds_trained": 2, "refusals": 0, "rejected": 0, "epsilon": 2.0}

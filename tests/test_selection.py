@@ -269,3 +269,24 @@ def test_best_is_not_written_from_weights_of_an_uncommitted_round(tmp_path, serv
     shutil.rmtree(tmp_path / "run" / "best")
     run_federation(ScriptedGrid(), cfg, wait_timeout=5)
     assert not (tmp_path / "run" / "best").exists()
+
+
+def test_keep_best_fair_keeps_the_best_round_meeting_the_thresholds(tmp_path, server_task) -> None:
+    from common.config import RunConfig
+    from common.model import ModelSpec, build_model, trainable_state
+    from server.loop import run_federation
+    from server.rundir import RunDir
+    from serving.compress import load_classifier
+
+    # No threshold can be violated by a single group ("all"), so every ok round is eligible: best = round 2.
+    cfg = RunConfig(num_server_rounds=3, model="tiny", labels="negative,positive", dp=False, min_nodes=2,
+                    out=str(tmp_path / "run"), keep_best_fair=True,
+                    fairness_thresholds={"max-equalized-odds-difference": 0.5})
+    run_federation(ScriptedGrid(), cfg, wait_timeout=5)
+    state, _ = RunDir(tmp_path / "run").load_checkpoint()
+    assert state["best"] == {"round": 2, "metric": pytest.approx(0.70)}
+    init = trainable_state(build_model(ModelSpec(source="tiny", labels=("negative", "positive"), top_k_layers=0)))
+    best, _ = load_classifier(tmp_path / "run" / "best_fair", device="cpu")
+    for k, v in init.items():
+        np.testing.assert_allclose(best.state_dict()[k].numpy(), v + 0.03, atol=1e-5)
+    assert not (tmp_path / "run" / "best").exists()

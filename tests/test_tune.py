@@ -233,6 +233,7 @@ class FakeRunner:
         self.calls: list[tuple[RunConfig, dict[str, dict]]] = []
 
     def __call__(self, cfg: RunConfig, *, nodes_dir: Path, num_nodes: int, progress=None) -> None:
+        from server.rows import RoundRow
         from server.rundir import RunDir
 
         node_cfgs = {p.name: json.loads((p / "node.json").read_text()) for p in sorted(nodes_dir.iterdir())}
@@ -240,7 +241,7 @@ class FakeRunner:
         self.calls.append((cfg, node_cfgs))
         rd = RunDir(cfg.out)
         for row in self.rows_for(len(self.calls), cfg):
-            rd.append_metrics(row)
+            rd.append_metrics(RoundRow.from_json(row))
         (rd.path / "model").mkdir(parents=True, exist_ok=True)
 
 
