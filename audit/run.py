@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from audit.accounting import recompute_epsilon as independent
 from common.ledger import load_public_key, verify_ledger
-from server.htmlreport import markdown_to_html
+from server.htmlreport import markdown_to_html, md_escape
 
 TOLERANCE = 0.02  # relative slack between a claimed ε and the recomputed one (accountant numerics)
 TRAINING_KINDS = ("dp-sgd",)
@@ -310,6 +311,7 @@ def write_reports(rep: AuditReport, *, json_out: Path | None, html_out: Path | N
                 ax.axhline(float(info["budget"]), color=f"C{i}", linestyle="--", linewidth=0.8)
         ax.set_xlabel("training release (round)")
         ax.set_ylabel("ε")
+        ax.set_ylim(bottom=0.0)
         ax.set_title("ε per node against its budget (dashed)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -327,13 +329,15 @@ def write_reports(rep: AuditReport, *, json_out: Path | None, html_out: Path | N
         def f(v):
             return "—" if v is None else f"{v:.4f}"
 
-        md.append(f"| {node} | {info.get('entries')} | {f(info.get('claimed_final'))} | {f(r.get('opacus_rdp'))} | "
+        md.append(f"| {md_escape(node)} | {info.get('entries')} | {f(info.get('claimed_final'))} | {f(r.get('opacus_rdp'))} | "
                   f"{f(r.get('opacus_prv'))} | {f(r.get('dp_accounting_pld'))} | {f(info.get('budget'))} |")
-    md += ["", "## Checks", ""] + [f"- {x}" for x in rep.findings]
+    md += ["", "## Checks", ""] + [f"- {md_escape(x)}" for x in rep.findings]
     if chart:
-        md += ["", f"![ε per node]({chart.name})"]
+        md += ["", f"![ε per node against its budget]({chart.name})"]
     text = "\n".join(md) + "\n"
     if md_out:
         Path(md_out).write_text(text)
+        if chart and Path(md_out).parent.resolve() != base.resolve():  # the image link is relative to each file
+            shutil.copyfile(chart, Path(md_out).parent / chart.name)
     if html_out:
         Path(html_out).write_text(markdown_to_html(text, title=f"fedpriv audit {rep.run_dir}"))
