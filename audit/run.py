@@ -283,6 +283,11 @@ def audit_run(run_dir: str | Path, *, pubkeys: str | Path | None = None,
 
 
 def write_reports(rep: AuditReport, *, json_out: Path | None, html_out: Path | None, md_out: Path | None) -> None:
+    """Write the JSON, HTML and Markdown reports that are asked for (folders are created); the HTML is the
+    Markdown rendered by ``server.htmlreport``, with the chart ``audit_epsilon.png`` beside each file."""
+    for out in (json_out, html_out, md_out):
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
     if json_out:
         Path(json_out).write_text(json.dumps(rep.to_dict(), indent=2, default=str))
     if not (html_out or md_out):
@@ -298,6 +303,7 @@ def write_reports(rep: AuditReport, *, json_out: Path | None, html_out: Path | N
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         fig, ax = plt.subplots(figsize=(6.4, 3.8))
         for i, (node, info) in enumerate(sorted(rep.nodes.items())):
@@ -312,6 +318,7 @@ def write_reports(rep: AuditReport, *, json_out: Path | None, html_out: Path | N
         ax.set_xlabel("training release (round)")
         ax.set_ylabel("ε")
         ax.set_ylim(bottom=0.0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title("ε per node against its budget (dashed)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -20,7 +20,8 @@ body { font-family: system-ui, sans-serif; max-width: 1000px; margin: 2em auto; 
 h1 { font-size: 1.6em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; margin: 0.6em 0; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; }
-th { background: #f4f4f4; } td { text-align: right; } td:first-child { text-align: left; white-space: nowrap; }
+th { background: #f4f4f4; } td { text-align: right; white-space: nowrap; }
+td:first-child { text-align: left; } td:last-child { white-space: normal; }
 code { background: #f4f4f4; padding: 0 3px; border-radius: 3px; }
 pre { background: #f4f4f4; padding: 0.6em; overflow-x: auto; }
 img { max-width: 100%; }

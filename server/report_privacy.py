@@ -39,6 +39,7 @@ class NodePrivacy:
     sample_rate: float | None = None
     steps: int | None = None
     trained: list[tuple[int, float]] = field(default_factory=list)  # (round, cumulative ε) per training release
+    after_round: dict[int, float] = field(default_factory=dict)  # cumulative ε after each round with a release
     refusals: list[tuple[int, str]] = field(default_factory=list)  # (round, reason)
     count_noise: list[float] = field(default_factory=list)  # ε of each noised evaluation-count release
     fixed_noise_seed: bool = False  # a ledger entry records a noise seed: reproducible noise, no guarantee
@@ -90,7 +91,7 @@ def node_privacy(rows: list[dict[str, Any]], ledgers_dir: Path, *, run_id: str |
         rnd = int(row.get("round", 0))
         for name, n in (row.get("nodes") or {}).items():
             p = nodes.setdefault(name, NodePrivacy(node=name))
-            if isinstance(n.get("num-examples"), int):
+            if isinstance(n.get("num-examples"), int) and n.get("status") != "refused":  # a refusal sends 0
                 p.num_examples = n["num-examples"]
             if n.get("status") == "refused":
                 p.refusals.append((rnd, str(n.get("reason") or "no reason given")))
@@ -119,6 +120,7 @@ def node_privacy(rows: list[dict[str, Any]], ledgers_dir: Path, *, run_id: str |
         for e in entries:
             if _float(e.get("epsilon")) is not None:
                 p.spent = float(e["epsilon"])
+                p.after_round[int(e.get("round", 0))] = p.spent
             if _float(e.get("budget_epsilon")) is not None:
                 p.budget = float(e["budget_epsilon"])
             if _float(e.get("delta")) is not None:
@@ -136,8 +138,14 @@ def node_privacy(rows: list[dict[str, Any]], ledgers_dir: Path, *, run_id: str |
 
 
 def epsilon_series(nodes: dict[str, NodePrivacy]) -> dict[str, list[tuple[int, float]]]:
-    """(round, ε) per node for the chart, starting at round 0 with what was spent before this run."""
-    return {name: [(0, p.spent_before), *p.trained] for name, p in nodes.items() if p.trained}
+    """(round, cumulative ε) per node for the chart, starting at round 0 with what was spent before this run;
+    from the ledger, every release counts (noised evaluation counts too), so the line ends at ε spent."""
+    out = {}
+    for name, p in nodes.items():
+        points = sorted(p.after_round.items()) or p.trained
+        if points:
+            out[name] = [(0, p.spent_before), *points]
+    return out
 
 
 def _num(v: float | None, digits: int = 3) -> str:
@@ -149,19 +157,21 @@ def _guarantee(cfg: RunConfig, nodes: dict[str, NodePrivacy]) -> str:
     with_budget = [p for p in nodes.values() if p.spent is not None]
     deltas = sorted({p.delta for p in with_budget if p.delta is not None})
     worst = max(with_budget, key=lambda p: p.spent or 0.0, default=None)
-    accountants = {p.accountant for p in nodes.values() if p.accountant} or {cfg.accountant}
+    accountants = "; ".join(sorted({ACCOUNTANT_NAMES.get(p.accountant or "", p.accountant or "")
+                                    for p in nodes.values() if p.accountant}
+                                   or {ACCOUNTANT_NAMES.get(cfg.accountant, cfg.accountant)}))
+    c = f"{cfg.clipping_norm:g}"
     parts = ["Each institution's training records are protected by record-level (example-level) "
              "(ε, δ)-differential privacy under add/remove-one neighbouring, for that institution's dataset on "
-             "its own: DP-SGD with Poisson sampling, per-example gradient clipping to norm "
-             f"{cfg.clipping_norm:g} and Gaussian noise of standard deviation σ × {cfg.clipping_norm:g}, accounted "
-             "by the node's own accountant (" + "; ".join(sorted({ACCOUNTANT_NAMES.get(a, a) for a in accountants}))
-             + ") across every "
-             "release on the same data (earlier runs included) and enforced by the node against the budget in "
-             "its own node config."]
+             f"its own: DP-SGD with Poisson sampling, per-example gradient clipping to norm {c} and Gaussian "
+             f"noise of standard deviation σ × {c}, accounted by the node's own accountant ({accountants}) "
+             "across every release on the same data (earlier runs included) and enforced by the node against "
+             "the budget in its own node config."]
     if worst is not None:
+        budget = "not recorded" if worst.budget is None else f"{worst.budget:g}"
+        at = f" at δ = {', '.join(f'{d:g}' for d in deltas)}" if deltas else ""
         parts.append(f"After this run the largest spend is ε = {_num(worst.spent)} "
-                     f"(node {md_escape(worst.node)}, budget {worst.budget if worst.budget is None else f'{worst.budget:g}'})"
-                     + (f" at δ = {', '.join(f'{d:g}' for d in deltas)}." if deltas else "."))
+                     f"(node {md_escape(worst.node)}, budget {budget}){at}.")
     parts.append("The model updates are covered (post-processing of DP-SGD).")
     noised = sorted(p.node for p in nodes.values() if p.count_noise)
     exact = sorted(p.node for p in nodes.values() if not p.count_noise)
@@ -202,7 +212,8 @@ def privacy_md(cfg: RunConfig, nodes: dict[str, NodePrivacy], *, chart: str | No
             left = _num(p.left) + (" (over budget)" if p.left is not None and p.left < 0 else "")
             sampling = f"{p.sample_rate:.4g} × {p.steps}" if p.sample_rate is not None and p.steps else "—"
             counts = (f"{len(p.count_noise)} × ε {p.count_noise[-1]:g}" if p.count_noise else "none")
-            out.append(f"| {md_escape(name)} | {_num(p.budget, 2)} | {'—' if p.delta is None else f'{p.delta:g}'} "
+            delta = "—" if p.delta is None else f"{p.delta:g}"
+            out.append(f"| {md_escape(name)} | {_num(p.budget, 2)} | {delta} "
                        f"| {_num(p.spent)} | {left} | {(p.accountant or '—').upper()} "
                        f"| {_num(p.noise_multiplier)} | {sampling} | {len(p.trained)} | {len(p.refusals)} "
                        f"| {counts} |")
@@ -222,8 +233,8 @@ def privacy_md(cfg: RunConfig, nodes: dict[str, NodePrivacy], *, chart: str | No
     out.append("")
     if chart:
         out += [f"![ε spent per node against its budget]({chart})", "",
-                "Solid: ε spent after each round (round 0: spent before this run); dashed: the node's budget in "
-                "the same colour; a cross marks a refused round.", ""]
+                "Solid: ε spent after each round, every release counted (round 0: spent before this run); "
+                "dashed: the node's budget in the same colour; a cross marks a refused round.", ""]
     return out
 
 

@@ -65,7 +65,7 @@ def make_run(tmp: Path, *, dp: bool = True) -> Path:
                 row["nodes"][node] = {"status": "ok", "num-examples": NUM_EXAMPLES[node]}
                 continue
             if node == "node-1" and rnd == 3:
-                row["nodes"][node] = {"status": "refused", "reason": REFUSAL}
+                row["nodes"][node] = {"status": "refused", "reason": REFUSAL, "num-examples": 0}
                 row["refusals"].append({"node": node, "reason": REFUSAL})
                 continue
             pure = (rnd - 1) * COUNT_EPS if node == "node-1" else 0.0
@@ -106,8 +106,7 @@ def write_audit_report(run: Path) -> Path:
 
     rep = audit_run(run)
     assert rep.passed, [str(f) for f in rep.failures]
-    out = run / "audit" / "audit.html"
-    out.parent.mkdir()
+    out = run / "audit" / "audit.html"  # a folder that does not exist yet
     write_reports(rep, json_out=None, html_out=out, md_out=run / "audit.md")
     return out
 
@@ -341,3 +340,16 @@ def test_chromium_screenshot_of_the_run_report(run, tmp_path):
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (width, height) == (1200, 3000)
+
+
+def test_epsilon_series_ends_at_the_spend_with_every_release_counted(run):
+    from server.report_privacy import epsilon_series, node_privacy
+
+    nodes = node_privacy(RunDir(run).read_metrics(), run / "ledgers", run_id=RUN)
+    series = epsilon_series(nodes)
+    for name, p in nodes.items():
+        assert series[name][0] == (0, 0.0) and series[name][-1][1] == p.spent
+        assert [r for r, _ in series[name]] == ([0, 1, 2, 3] if name == "node-0" else [0, 1, 2])
+    # node-1's line includes its noised-count releases: above its DP-SGD ε of round 2
+    assert series["node-1"][-1][1] == pytest.approx(dict(nodes["node-1"].trained)[2] + COUNT_EPS)
+    assert nodes["node-1"].refusals == [(3, REFUSAL)] and nodes["node-1"].num_examples == 530
