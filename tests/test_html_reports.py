@@ -353,3 +353,19 @@ def test_epsilon_series_ends_at_the_spend_with_every_release_counted(run):
     # node-1's line includes its noised-count releases: above its DP-SGD ε of round 2
     assert series["node-1"][-1][1] == pytest.approx(dict(nodes["node-1"].trained)[2] + COUNT_EPS)
     assert nodes["node-1"].refusals == [(3, REFUSAL)] and nodes["node-1"].num_examples == 530
+
+
+def test_spend_from_earlier_runs_is_the_starting_point_and_other_runs_are_ignored(tmp_path):
+    from server.report_privacy import epsilon_series, node_privacy
+
+    led = tmp_path / "ledgers"
+    led.mkdir()
+    base = {"kind": "dp-sgd", "node": "n", "accountant": "rdp", "delta": DELTA, "budget_epsilon": 8.0,
+            "noise_multiplier": 1.0, "sample_rate": Q, "steps": STEPS, "noise_seed": None}
+    lines = [{**base, "run": "old", "round": 1, "epsilon": 3.0, "epsilon_round": 3.0},
+             {**base, "run": RUN, "round": 1, "epsilon": 4.5, "epsilon_round": 1.5},
+             {**base, "run": RUN, "round": 2, "epsilon": 5.5, "epsilon_round": 1.0}]
+    (led / "n.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + "not json\n")
+    p = node_privacy([], led, run_id=RUN)["n"]
+    assert (p.spent_before, p.spent, p.left, p.accountant, len(p.trained)) == (3.0, 5.5, 2.5, "rdp", 2)
+    assert epsilon_series({"n": p})["n"] == [(0, 3.0), (1, 4.5), (2, 5.5)]
