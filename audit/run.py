@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from audit.accounting import recompute_epsilon as independent
 from common.ledger import load_public_key, verify_ledger
-from server.htmlreport import markdown_to_html
+from server.htmlreport import markdown_to_html, md_escape
 
 NUMERIC_TOLERANCE = 1e-6  # relative: a claim may differ from the same accountant's recomputation by float noise
 HELD_TO_BUDGET = "dp_accounting_pld"  # the independent recomputation every node's budget is held to
@@ -401,6 +402,11 @@ def _audit_server(rep: AuditReport, ledgers_dir: Path, pubkeys) -> None:
 
 
 def write_reports(rep: AuditReport, *, json_out: Path | None, html_out: Path | None, md_out: Path | None) -> None:
+    """Write the JSON, HTML and Markdown reports that are asked for (folders are created); the HTML is the
+    Markdown rendered by ``server.htmlreport``, with the chart ``audit_epsilon.png`` beside each file."""
+    for out in (json_out, html_out, md_out):
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
     if json_out:
         Path(json_out).write_text(json.dumps(rep.to_dict(), indent=2, default=str))
     if not (html_out or md_out):
@@ -416,6 +422,7 @@ def write_reports(rep: AuditReport, *, json_out: Path | None, html_out: Path | N
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         fig, ax = plt.subplots(figsize=(6.4, 3.8))
         for i, (node, info) in enumerate(sorted(rep.nodes.items())):
@@ -429,6 +436,8 @@ def write_reports(rep: AuditReport, *, json_out: Path | None, html_out: Path | N
                 ax.axhline(float(info["budget"]), color=f"C{i}", linestyle="--", linewidth=0.8)
         ax.set_xlabel("training release (round)")
         ax.set_ylabel("ε")
+        ax.set_ylim(bottom=0.0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title("ε per node against its budget (dashed)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -446,13 +455,15 @@ def write_reports(rep: AuditReport, *, json_out: Path | None, html_out: Path | N
         def f(v):
             return "—" if v is None else f"{v:.4f}"
 
-        md.append(f"| {node} | {info.get('entries')} | {f(info.get('claimed_final'))} | {f(r.get('opacus_rdp'))} | "
+        md.append(f"| {md_escape(node)} | {info.get('entries')} | {f(info.get('claimed_final'))} | {f(r.get('opacus_rdp'))} | "
                   f"{f(r.get('opacus_prv'))} | {f(r.get('dp_accounting_pld'))} | {f(info.get('budget'))} |")
-    md += ["", "## Checks", ""] + [f"- {x}" for x in rep.findings]
+    md += ["", "## Checks", ""] + [f"- {md_escape(x)}" for x in rep.findings]
     if chart:
-        md += ["", f"![ε per node]({chart.name})"]
+        md += ["", f"![ε per node against its budget]({chart.name})"]
     text = "\n".join(md) + "\n"
     if md_out:
         Path(md_out).write_text(text)
+        if chart and Path(md_out).parent.resolve() != base.resolve():  # the image link is relative to each file
+            shutil.copyfile(chart, Path(md_out).parent / chart.name)
     if html_out:
         Path(html_out).write_text(markdown_to_html(text, title=f"fedpriv audit {rep.run_dir}"))

@@ -9,6 +9,7 @@ from common.data import DataError
 from serving.compress import (
     PRUNE_SCOPES,
     QUANTIZE_CHOICES,
+    REPORT_HTML,
     REPORT_JSON,
     REPORT_MD,
     CompressError,
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"fedpriv compress: {exc}", file=sys.stderr)
         return 2
     _print_table(report)
-    print(f"wrote {report['out']} ({REPORT_JSON}, {REPORT_MD})")
+    print(f"wrote {report['out']} ({REPORT_JSON}, {REPORT_MD}, {REPORT_HTML})")
     return 0
 
 

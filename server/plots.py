@@ -179,3 +179,55 @@ def plot_trials(values: Sequence[float | None], out_path: str | Path, *, metric:
         ax.plot(failed, [0.0 if not ys else min(ys)] * len(failed), linestyle="none", marker="x", color="C3",
                 label="failed")
     return _finish(fig, ax, out_path)
+
+
+def plot_epsilon_against_budget(spent: Mapping[str, Sequence[tuple[int, float]]], out_path: str | Path, *,
+                                budgets: Mapping[str, float | None],
+                                refused: Mapping[str, Sequence[int]] | None = None) -> Path:
+    """ε spent per node over rounds, each node's budget as a dashed line of the same colour, y-axis from 0.
+
+    Parameters
+    ----------
+    spent : mapping of node name to sequence of (round, ε)
+        Cumulative ε after each round the node released in; a ``(0, ε)`` point is what the node had spent
+        before this run (0 for a fresh node). Non-finite values are skipped.
+    out_path : path
+        PNG to write (parent folders are created).
+    budgets : mapping of node name to float or None
+        The node's ε budget (from its ledger); None draws no budget line for that node.
+    refused : mapping of node name to sequence of int, optional
+        Rounds the node refused to train in: a cross at the node's ε at that point.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_path``.
+    """
+    fig = epsilon_figure(spent, budgets=budgets, refused=refused)
+    return _finish(fig, fig.axes[0], out_path)
+
+
+def epsilon_figure(spent: Mapping[str, Sequence[tuple[int, float]]], *, budgets: Mapping[str, float | None],
+                   refused: Mapping[str, Sequence[int]] | None = None):
+    """The figure :func:`plot_epsilon_against_budget` saves (same arguments), for inspection in tests."""
+    fig, ax = _new_figure("ε spent per node against its budget (dashed)", "ε (cumulative)")
+    top = 0.0
+    names = sorted(set(spent) | set(budgets))
+    for i, node in enumerate(names):
+        colour = f"C{i % 10}"
+        # nodes often spend alike: earlier nodes are drawn wider so that coinciding lines stay visible
+        width = 1.5 + 3.0 * (len(names) - 1 - i) / max(len(names) - 1, 1)
+        xs, ys = _series([{"round": r, "v": e} for r, e in spent.get(node, ())], lambda r: r.get("v"))
+        if xs:
+            ax.plot(xs, ys, marker="o", color=colour, linewidth=width, markersize=2 + width, label=f"{node} spent")
+            top = max(top, *ys)
+        budget = _number(budgets.get(node))
+        if budget is not None:
+            ax.axhline(budget, linestyle="--", color=colour, linewidth=width * 0.8, label=f"{node} budget {budget:g}")
+            top = max(top, budget)
+        for r in (refused or {}).get(node, ()):
+            before = [y for x, y in zip(xs, ys, strict=True) if x <= r]
+            ax.plot([r], [before[-1] if before else 0.0], marker="x", markersize=9, linestyle="none",
+                    color=colour, label=f"{node} refused" if r == (refused or {})[node][0] else None)
+    ax.set_ylim(0.0, top * 1.08 if top > 0 else 1.0)
+    return fig

@@ -1,7 +1,10 @@
 """The run report: ``report.md`` and ``report.html`` with PNG charts, written from ``metrics.jsonl``.
 
-Sections: summary, accuracy and loss over rounds, privacy (ε per node over rounds), fairness (per-group table
-of the last round, per-group TPR/FPR and gaps over rounds), and a per-round table.
+Sections: summary, classification, privacy (per node: budget ε and δ, spent, left, accountant, noise, refusals,
+the guarantee statement and the ε chart against each budget; ``server.report_privacy``), data (rows and groups as
+far as the nodes shared them, the eval set), cleaning, fairness (per-group table of the last round, per-group
+TPR/FPR and gaps over rounds), a per-round table and the charts. ``report.html`` is ``report.md`` rendered by
+``server.htmlreport`` (markdown-it-py); image paths are relative to the run directory.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from common.fairness import FairnessReport
 from common.fsutil import atomic_write_text
 from server import plots
 from server.htmlreport import markdown_to_html
+from server.report_privacy import data_md, epsilon_series, node_privacy, privacy_md, run_id_of
 from server.rundir import RunDir
 
 
@@ -27,14 +31,6 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def _epsilon_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for r in rows:
-        eps = r.get("epsilon") or {}
-        out.append({"round": r["round"], **{f"eps:{k}": v for k, v in eps.items()}})
-    return out
-
-
 def write_report(rundir: RunDir, cfg: RunConfig) -> tuple[Path, Path]:
     """Write report.md and report.html (+ plots/) for the run; returns both paths."""
 
@@ -42,6 +38,8 @@ def write_report(rundir: RunDir, cfg: RunConfig) -> tuple[Path, Path]:
     plot_dir = rundir.path / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     charts: list[tuple[str, Path]] = []
+    privacy = node_privacy(rows, rundir.ledgers_dir, run_id=run_id_of(rows, rundir.path))
+    eps_chart: Path | None = None
     if rows:
         acc_keys = [k for k in ("accuracy", "macro_f1", "eval_accuracy", "eval_macro_f1") if any(k in r for r in rows)]
         charts.append(("Accuracy over rounds", plots.plot_metric_over_rounds(
@@ -49,11 +47,11 @@ def write_report(rundir: RunDir, cfg: RunConfig) -> tuple[Path, Path]:
         loss_keys = [k for k in ("loss", "train_loss", "eval_loss") if any(k in r for r in rows)]
         charts.append(("Loss over rounds", plots.plot_metric_over_rounds(
             rows, loss_keys, plot_dir / "loss.png", title="Loss", ylabel="cross-entropy")))
-        eps_rows = _epsilon_rows(rows)
-        eps_keys = sorted({k for r in eps_rows for k in r if k.startswith("eps:")})
-        if eps_keys:
-            charts.append(("Privacy spent (ε per node)", plots.plot_metric_over_rounds(
-                eps_rows, eps_keys, plot_dir / "epsilon.png", title="ε spent per node", ylabel="ε")))
+        series = epsilon_series(privacy)
+        if cfg.dp and series:
+            eps_chart = plots.plot_epsilon_against_budget(
+                series, plot_dir / "epsilon.png", budgets={n: p.budget for n, p in privacy.items()},
+                refused={n: [r for r, _ in p.refusals] for n, p in privacy.items() if p.refusals})
         if any(r.get("fairness") for r in rows):
             charts.append(("Per-group TPR/FPR over rounds", plots.plot_group_rates_over_rounds(
                 rows, plot_dir / "group_rates.png")))
@@ -77,11 +75,9 @@ def write_report(rundir: RunDir, cfg: RunConfig) -> tuple[Path, Path]:
     md += [""]
     for prefix, title in (("", "federated validation"), ("eval_", "server-held evaluation set")):
         md += _classification_md(last.get(f"{prefix}classification"), title)
-    if last.get("epsilon"):
-        md += ["## Privacy", "", "| node | ε spent |", "|---|---|"]
-        md += [f"| {n} | {_fmt(e)} |" for n, e in sorted(last["epsilon"].items())]
-        md += [""]
+    md += privacy_md(cfg, privacy, chart=f"plots/{eps_chart.name}" if eps_chart else None)
     cleaning = rundir.read_cleaning()
+    md += data_md(cfg, rows, privacy, cleaning)
     if cleaning:
         md += _cleaning_md(cleaning, spec=cfg.clean)
     fair = last.get("fairness")

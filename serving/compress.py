@@ -49,12 +49,14 @@ from typing import Any
 from common.data import Encoded, Schema, load_dataset
 from common.inference import forward, tensors
 from common.model import ERR_MODEL_DIR, choose_device, load_pretrained_classifier, save_pretrained
+from server.htmlreport import markdown_to_html, md_escape
 from serving.evaluation import evaluate_file, model_labels
 
 MARKER = "fedpriv-compression.json"
 QUANTIZED_WEIGHTS = "model-int8.pt"
 REPORT_JSON = "compress_report.json"
 REPORT_MD = "compress_report.md"
+REPORT_HTML = "compress_report.html"  # REPORT_MD rendered by server.htmlreport
 FORMAT_VERSION = 1
 QUANTIZE_CHOICES = ("int8",)
 PRUNE_SCOPES = ("global", "layer")
@@ -631,6 +633,7 @@ def compress(req: CompressRequest) -> dict[str, Any]:
         }
         (tmp / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
         (tmp / REPORT_MD).write_text(render_markdown(report))
+        (tmp / REPORT_HTML).write_text(render_html(report))
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -685,7 +688,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         p = report["pruning"]
         done.append(f"L1 magnitude pruning of Linear weights, amount {p['amount']} ({p['scope']}): "
                     f"sparsity {p['sparsity_after']:.4f}")
-    lines = [f"# Compression report: {report['model']}", "", f"Output: `{report['out']}`", "",
+    lines = [f"# Compression report: {md_escape(report['model'])}", "", f"Output: `{report['out']}`", "",
              "Done: " + "; ".join(done) + ".", "",
              "| figure | before | after | change |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(report)]
@@ -702,3 +705,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines += ["", f"torch {report['versions']['torch']}, transformers {report['versions']['transformers']}; "
               f"request: quantize={req['quantize']}, prune={req['prune']}.", ""]
     return "\n".join(lines)
+
+
+def render_html(report: Mapping[str, Any]) -> str:
+    """The Markdown report as a standalone HTML page (``compress_report.html``)."""
+    return markdown_to_html(render_markdown(report), title=f"fedpriv compression report {report['model']}")

@@ -113,3 +113,64 @@ def server_task(monkeypatch, flower):
 
     for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+# Markdown that must never reach a reader of an HTML report: code spans, link/image syntax, bold.
+RAW_MARKDOWN = ("`", "](", "**")
+
+
+def html_problems(path) -> list[str]:
+    """Why the HTML file at ``path`` would not read right in a browser: an ``<img src>`` or ``<a href>`` whose
+    target does not exist (relative to the file; external and fragment links are not followed), or raw
+    Markdown (``RAW_MARKDOWN``) in the visible text. Empty when the page is fine."""
+    from html.parser import HTMLParser
+    from pathlib import Path
+    from urllib.parse import unquote, urlsplit
+
+    path = Path(path)
+
+    class _Page(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__(convert_charrefs=True)
+            self.targets: list[tuple[str, str]] = []
+            self.text: list[str] = []
+            self._skip = 0
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag in ("style", "script", "title"):
+                self._skip += 1
+            if tag == "img":
+                self.targets.append(("img src", a.get("src") or ""))
+            elif tag == "a" and "href" in a:
+                self.targets.append(("a href", a.get("href") or ""))
+
+        def handle_endtag(self, tag):
+            if tag in ("style", "script", "title"):
+                self._skip -= 1
+
+        def handle_data(self, data):
+            if not self._skip:
+                self.text.append(data)
+
+    page = _Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    problems = []
+    for kind, target in page.targets:
+        url = urlsplit(target)
+        if url.scheme in ("http", "https", "mailto") or (not url.path and url.fragment):
+            continue
+        if not url.path or url.scheme not in ("", "file") or not (path.parent / unquote(url.path)).is_file():
+            problems.append(f"{path.name}: {kind}={target!r} does not resolve to a file")
+    text = "".join(page.text)
+    for token in RAW_MARKDOWN:
+        at = text.find(token)
+        if at >= 0:
+            problems.append(f"{path.name}: raw Markdown {token!r} in the text: ...{text[max(0, at - 40):at + 40]!r}...")
+    return problems
+
+
+@pytest.fixture(scope="session")
+def check_html():
+    """:func:`html_problems`, for tests that write an HTML report."""
+    return html_problems

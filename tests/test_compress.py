@@ -24,6 +24,7 @@ from serving.compress import (
     ERR_QUANTIZED_DEVICE,
     MARKER,
     QUANTIZED_WEIGHTS,
+    REPORT_HTML,
     REPORT_JSON,
     REPORT_MD,
     CompressError,
@@ -208,7 +209,7 @@ def test_prune_then_quantize_keeps_the_zeros(tmp_path, float_dir):
 # ----------------------------------------------------------------------------------------------- report
 
 
-def test_report_lists_every_before_and_after_figure(int8_dir, capsys):
+def test_report_lists_every_before_and_after_figure(int8_dir, capsys, check_html):
     rep = json.loads((int8_dir / REPORT_JSON).read_text())
     assert rep["size"]["before_bytes"] > rep["size"]["after_bytes"] > 0
     assert rep["size"]["ratio"] == pytest.approx(rep["size"]["before_bytes"] / rep["size"]["after_bytes"])
@@ -236,6 +237,7 @@ def test_report_lists_every_before_and_after_figure(int8_dir, capsys):
     for row in ("weights on disk", "batch 1", "batch 32", "accuracy", "macro-F1", *gap_names, "torch thread"):
         assert row in md
     assert "Compression can widen group gaps" in md
+    assert check_html(int8_dir / REPORT_HTML) == []
 
 
 def test_command_prints_the_table(tmp_path, float_dir, capsys):

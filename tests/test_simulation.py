@@ -70,7 +70,7 @@ def test_metrics_rows_carry_required_keys(plain_run: Path) -> None:
         assert "fairness" in r  # the demo data has groups
 
 
-def test_run_directory_is_complete_and_model_loads_with_transformers(plain_run: Path) -> None:
+def test_run_directory_is_complete_and_model_loads_with_transformers(plain_run: Path, check_html) -> None:
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     cfg = json.loads((plain_run / "config.json").read_text())
@@ -84,6 +84,7 @@ def test_run_directory_is_complete_and_model_loads_with_transformers(plain_run: 
     for name in ("report.md", "report.html", "plots/accuracy.png", "plots/loss.png"):
         assert (plain_run / name).stat().st_size > 0, name
     assert "plots/accuracy.png" in (plain_run / "report.md").read_text()
+    assert check_html(plain_run / "report.html") == []
 
 
 def test_group_skewed_demo_shows_a_fairness_gap_and_its_charts(plain_run: Path) -> None:
@@ -122,7 +123,7 @@ def dp_run(tmp_path_factory) -> Path:
     return out
 
 
-def test_dp_run_spends_within_budget_and_its_audit_passes(dp_run: Path) -> None:
+def test_dp_run_spends_within_budget_and_its_audit_passes(dp_run: Path, check_html) -> None:
     from audit.run import audit_run
     from common.ledger import load_public_key, verify_ledger
 
@@ -136,6 +137,12 @@ def test_dp_run_spends_within_budget_and_its_audit_passes(dp_run: Path) -> None:
         assert res.entries[0]["noise_seed"] is not None  # a fixed seed was asked for, and it is recorded
     rep = audit_run(dp_run)
     assert rep.passed, [str(f) for f in rep.failures]
+    # the report shows every chart, the budget per node, and says that a fixed noise seed gives no guarantee
+    assert check_html(dp_run / "report.html") == []
+    report = (dp_run / "report.md").read_text()
+    assert "](plots/epsilon.png)" in report and "gives no privacy guarantee" in report
+    for node in ("node-0", "node-1"):
+        assert f"| {node} | 4.00 | 1e-05 | {eps[1][node]:.3f} | {4.0 - eps[1][node]:.3f} | RDP |" in report
 
 
 def test_encrypted_nodes_leave_no_plaintext_on_disk(dp_run: Path) -> None:
@@ -155,3 +162,5 @@ def test_node_refuses_when_delta_is_too_large_and_the_run_records_it(tmp_path: P
     assert row["status"] == "failed"
     assert {r["node"] for r in row["refusals"]} == {"node-0", "node-1"}
     assert all("delta=0.05 is not below 1/n" in r["reason"] for r in row["refusals"])
+    refusals = (out / "report.md").read_text().split("### Refusals", 1)[1]
+    assert all(f"| 1 | {r['node']} |" in refusals for r in row["refusals"])
