@@ -45,6 +45,9 @@ LOGIT_DRIFT = 2.0  # the automatic learning rate keeps a canary's logit gap belo
 BASE_VOCAB = 500  # tokens of the filler records (ids 1..BASE_VOCAB); canaries use the ids after them
 BASE_TOKENS = 4  # tokens per filler record
 
+MIN_EXPECTED_BATCH = 20  # below this an empty Poisson batch (a step without a forward pass) becomes likely
+ERR_SMALL_BATCH = ("the Dirac audit needs an expected batch of at least {low} records (an empty Poisson batch "
+                   "would hide a step); got {value} ({n} records, q={q:.4g}); use more canaries or a larger batch")
 ERR_EMPTY_STEP = ("the Dirac audit observed {seen} of {steps} steps: an empty Poisson batch ran no forward "
                   "pass; use more canaries or a larger batch")
 
@@ -113,6 +116,8 @@ def train_with_canaries(*, canaries: int, base_examples: int, noise_multiplier: 
     batch = math.ceil(n / steps_per_epoch) if batch_size is None else batch_size
     q, steps = planned_dp_steps(n, batch_size=batch, epochs=epochs)
     expected = int(n * q)  # Opacus divides the noisy sum by this expected batch size
+    if expected < MIN_EXPECTED_BATCH:
+        raise ValueError(ERR_SMALL_BATCH.format(low=MIN_EXPECTED_BATCH, value=expected, n=n, q=q))
     if learning_rate is None:
         reach = q * steps + 4.0 * noise_multiplier * math.sqrt(steps) + 1.0  # in units of C, per row
         learning_rate = LOGIT_DRIFT * expected / (INPUT_SCALE * math.sqrt(2.0) * clipping_norm * reach)
@@ -132,7 +137,7 @@ def train_with_canaries(*, canaries: int, base_examples: int, noise_multiplier: 
         torch.set_num_threads(threads)
     traj = model.trajectory + [model.tokens.weight.detach()[model.watch].clone()]
     if len(traj) != result.steps + 1:
-        raise RuntimeError(ERR_EMPTY_STEP.format(seen=len(traj) - 1, steps=result.steps))
+        raise ValueError(ERR_EMPTY_STEP.format(seen=len(traj) - 1, steps=result.steps))
     rows = np.stack([t.to("cpu").numpy().astype(np.float64) for t in traj], axis=1)  # [m, T + 1, 2]
     delta = np.diff(rows, axis=1)  # [m, T, 2]
     # SGD: Δ_t = -lr_t (clipped sum + noise) / expected; the label's direction u = (e_{1-y} - e_y) / sqrt 2

@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from audit.dirac import ERR_SMALL_BATCH, MIN_EXPECTED_BATCH, dirac_scores, make_records, train_with_canaries
 from audit.dirac import SCORES as DIRAC_SCORES
-from audit.dirac import dirac_scores, make_records, train_with_canaries
 from audit.onerun import (
     ERR_CONFIDENCE,
     ERR_GUESSES,
@@ -280,6 +280,9 @@ def _run_dirac(s: AuditSettings, *, progress=None) -> AuditResult:
     base_rec, _, included = make_records(canaries=m, base_examples=s.base_examples, seed=s.seed)
     n = len(base_rec) + int(included.sum())
     batch = s.batch_size or math.ceil(n / s.steps_per_epoch)
+    q = planned_dp_steps(n, batch_size=batch, epochs=epochs)[0]
+    if int(n * q) < MIN_EXPECTED_BATCH:  # refused before training, as audit.dirac would
+        raise ValueError(ERR_SMALL_BATCH.format(low=MIN_EXPECTED_BATCH, value=int(n * q), n=n, q=q))
     q, steps, sigma, eps = _mechanism(s, n, batch, epochs)
     claimed = s.claimed_epsilon if s.claimed_epsilon is not None else (eps if eps is not None else math.inf)
     if progress is not None:

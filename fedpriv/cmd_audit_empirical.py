@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from audit.empirical import SCORES, AuditSettings, plot_scores, run_audit
+from audit.empirical import ERR_DATA, SCORES, AuditSettings, plot_scores, run_audit
 from common.data import DataError, Schema, load_dataset, observed_labels
 from simulations.synthetic import make_synthetic
 
@@ -97,8 +97,7 @@ def run(args: argparse.Namespace) -> int:
         noise_seed=args.noise_seed, device=args.device)
     try:
         if dirac and args.data:
-            raise ValueError(f"--data applies to the text scores (embedding, loss); the {args.score} audit makes "
-                             "its own records")
+            raise ValueError(ERR_DATA.format(score=args.score))
         s.check()
         base = None
         if not dirac:

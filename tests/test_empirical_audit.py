@@ -198,7 +198,7 @@ def honest(_one_torch_thread):
 def test_honest_mechanism_at_its_claim_passes(honest) -> None:
     assert honest.verdict == "pass" and honest.epsilon_claimed == pytest.approx(CLAIM, rel=0.02)
     assert honest.epsilon_ceiling > CLAIM + CEILING_MARGIN and honest.guesses == 200
-    assert honest.epsilon_lower_bound < CLAIM
+    assert honest.epsilon_lower_bound < CLAIM - HONEST_HEADROOM
 
 
 @pytest.mark.parametrize("mutation", ["sigma/4", "q understated 4x", "noise off"])
@@ -218,8 +218,8 @@ def test_broken_mechanisms_fail_their_claim(honest, mutation) -> None:
 
 
 # Honest runs fail with probability <= 1 - confidence = 5% each (Theorem 5.2; the randomized-response test
-# above checks the bound at its worst case). In practice one run sits far below its claim: with these settings
-# the honest bound has stayed under 1.2 for ε = 2 across seeds, so a whole unit of headroom is asserted.
+# above checks the bound at its worst case, the simulation below the whole pipeline). One real run sits far
+# below its claim (one-run audits are loose for honest mechanisms), so these seeds must also keep a headroom.
 HONEST_HEADROOM = 0.5
 
 
@@ -344,6 +344,7 @@ def test_cli_without_noise_or_claim_is_inconclusive(tmp_path, _one_torch_thread)
     (["--canaries", "0"], "canaries must be > 0; got 0"),
     (["--delta", "1"], "delta must be in (0, 1); got 1.0"),
     (["--data", "x.csv"], "--data applies to the text scores"),
+    (["--canaries", "20", "--examples", "0"], "expected batch of at least 20 records"),
 ])
 def test_cli_rejects_bad_input_with_one_line(capsys, argv, message) -> None:
     from fedpriv.cli import main
