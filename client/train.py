@@ -22,6 +22,8 @@ from common.data import Encoded
 from common.inference import forward as _forward
 from common.inference import tensors as _tensors
 
+OPTIMIZERS = ("adamw", "sgd")
+
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -32,6 +34,11 @@ class TrainSettings:
     weight_decay: float
     warmup_ratio: float
     seed: int  # shuffling / Poisson sampling seed
+    optimizer: str = "adamw"  # "adamw", or "sgd" (plain SGD: the empirical audit's white-box canaries need it)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,8 @@ def train_local(model, enc: Encoded, *, settings: TrainSettings, device, pad_id:
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * settings.epochs
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    opt_class = torch.optim.SGD if settings.optimizer == "sgd" else torch.optim.AdamW
+    optimizer = opt_class(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     model.to(device)
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
