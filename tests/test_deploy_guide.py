@@ -205,7 +205,8 @@ def test_printed_commands_run_a_federation_and_refuse_an_unregistered_node(tmp_p
         # the institution's printed dataset commands, on a small demo file
         schema = Schema("text", "label", "group")
         write_dataset(make_synthetic(60, seed=1), trial / "site-a" / "notes.csv", schema=schema)
-        (trial / "site-a" / "ca.crt").write_bytes((trial / "coordinator" / "certs" / "ca.crt").read_bytes())
+        for site in ("site-a", "site-c"):  # "the coordinator sends you ca.crt"
+            (trial / site / "ca.crt").write_bytes((trial / "coordinator" / "certs" / "ca.crt").read_bytes())
         r = sh.run(" && ".join(c for c in site_a if c.startswith(("fedpriv dataset", "openssl "))).replace(
             "fedpriv ", f"{sys.executable} -m fedpriv "))
         assert r.returncode == 0, r.stdout + r.stderr
