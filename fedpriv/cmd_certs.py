@@ -1,9 +1,11 @@
 """``fedpriv certs``: a CA + SuperLink TLS certificate, and SuperNode authentication keys (docs/deploy.md).
 
-* ``fedpriv certs init DIR --server-host NAME [--server-host NAME ...] [--days N] [--no-loopback] [--force]``
-* ``fedpriv certs node DIR NAME [--force]``
+* ``fedpriv certs init DIR --server-host NAME [--server-host NAME ...] [--port N] [--days N] [--no-loopback]
+  [--force]``
+* ``fedpriv certs node DIR NAME [--superlink HOST:PORT] [--port N] [--data FILE] [--force]``
 
-Each prints what it wrote and the next commands to run; an error is one line ``fedpriv certs: ...`` on
+Each prints what it wrote and the next commands to run, complete and the same as docs/deploy.md (built by
+``deploy/commands.py``); an error is one line ``fedpriv certs: ...`` on
 stderr and exit code 2.
 """
 
@@ -12,7 +14,9 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
+from deploy import commands
 from deploy.certs import (
     certificate_fingerprint,
     create_node_keypair,
@@ -41,6 +45,8 @@ def register(sub) -> None:
     i.add_argument("--no-loopback", action="store_true",
                    help="do not add localhost/127.0.0.1/::1 (flower-superlink then cannot start ServerApps "
                         "unless bound to one of the given names)")
+    i.add_argument("--port", type=int, default=commands.SUPERLINK_PORT,
+                   help="the SuperLink's port in the printed commands (default 8000)")
     i.add_argument("--force", action="store_true", help="overwrite existing files")
     i.set_defaults(func=init)
 
@@ -50,6 +56,11 @@ def register(sub) -> None:
                     "--auth-supernode-private-key) and DIR/NAME.pub (for `flwr supernode register`).")
     n.add_argument("dir", metavar="DIR", help="output directory (created with mode 0700)")
     n.add_argument("name", metavar="NAME", help="key name: letters, digits, '-', '_', '.'")
+    n.add_argument("--superlink", metavar="HOST:PORT",
+                   help="the SuperLink address the coordinator gave you, for the printed flower-supernode command")
+    n.add_argument("--port", type=int, help="this SuperNode's own --port in the printed command (distinct per "
+                                            "SuperNode on one machine; Flower's default 9094)")
+    n.add_argument("--data", metavar="FILE", help="the dataset file to encrypt, for the printed command")
     n.add_argument("--force", action="store_true", help="overwrite existing files")
     n.set_defaults(func=node)
 
@@ -75,26 +86,30 @@ def init(args: argparse.Namespace) -> int:
         fp = certificate_fingerprint(paths["ca.crt"])
     except (ValueError, OSError) as exc:
         return _fail(exc)
-    q = {k: shlex.quote(str(v)) for k, v in paths.items()}
-    host = args.server_host[0].strip()
-    host = f"[{host}]" if ":" in host else host
+    certs = paths["ca.crt"].parent.absolute()
+    home = certs.parent
+    superlink = commands.superlink_address(args.server_host[0], port=args.port)
     print(f"wrote {paths['ca.crt']}, {paths['server.pem']}; private keys {paths['ca.key']}, "
           f"{paths['server.key']} (mode 0600)")
     print(f"CA SHA-256 fingerprint: {fp}")
     print()
-    print("next, on the SuperLink host (binds 127.0.0.1; expose only the Fleet API via "
-          "deploy/nginx-fleet-only.conf):")
-    print(f"  flower-superlink --ssl-ca-certfile {q['ca.crt']} --ssl-certfile {q['server.pem']} "
-          f"--ssl-keyfile {q['server.key']} \\\n      --enable-supernode-auth --database state.db "
-          "--host 127.0.0.1 --port 8000")
-    print("  # $FLWR_HOME/config.toml (default ~/.flwr/config.toml):")
-    print("  #   [superlink.fed]")
-    print('  #   address = "127.0.0.1:8000"')
-    print(f'  #   root-certificates = "{paths["ca.crt"].resolve()}"')
-    print(f"send {paths['ca.crt']} to every institution (never ca.key or server.key; keep ca.key offline); "
-          "they compare the fingerprint above and start:")
-    print(f"  flower-supernode --root-certificates ca.crt --auth-supernode-private-key KEY "
-          f"--superlink {host}:443 --node-config '...'")
+    print("next, on the SuperLink's machine, in one shell (FLWR_HOME for the SuperLink and the flwr CLI alike; "
+          "the connection file is written before any flwr command):")
+    print("  " + commands.export_flwr_home(home / "flwr-home"))
+    print("  " + commands.write_connection_command(paths["ca.crt"], port=args.port))
+    print("  " + commands.superlink_command(certs, database=home / "state.db", port=args.port))
+    print(f"then, in a second shell with the same FLWR_HOME, register each institution's public key (keep the "
+          f"printed node ID: revoke with flwr supernode unregister NODE_ID {commands.CONNECTION}):")
+    print("  " + commands.export_flwr_home(home / "flwr-home"))
+    print("  " + commands.register_command("NAME.pub", name="NAME").replace(
+        shlex.quote(str(Path("NAME.pub").absolute())), "NAME.pub"))
+    print(f"  flwr supernode list {commands.CONNECTION}")
+    print(f"send {paths['ca.crt']} to every institution (never ca.key or server.key; keep ca.key offline) with "
+          "the fingerprint above, over a second channel; each one runs")
+    print(f"  fedpriv certs node keys NAME --superlink {superlink}")
+    if not commands.is_loopback(args.server_host[0]):
+        print(f"  # {superlink}: the reverse proxy deploy/nginx-fleet-only.conf, which exposes only the Fleet API "
+              "(the SuperLink itself listens on 127.0.0.1; see docs/deploy.md)")
     return 0
 
 
@@ -104,13 +119,30 @@ def node(args: argparse.Namespace) -> int:
         fp = ssh_public_key_fingerprint(pub)
     except (ValueError, OSError) as exc:
         return _fail(exc)
+    home = priv.parent.absolute().parent
+    superlink = args.superlink or "SUPERLINK_HOST:PORT"
     print(f"wrote {priv} (private key, mode 0600: stays on this machine) and {pub} (public key)")
     print(f"public key fingerprint: {fp}")
     print()
-    print(f"next: send {pub} to the coordinator, who checks the fingerprint and registers it:")
-    print(f"  flwr supernode register {shlex.quote(str(pub))} <connection> --name {shlex.quote(args.name)}")
-    print("then start this institution's node:")
-    print(f"  flower-supernode --root-certificates ca.crt --auth-supernode-private-key {shlex.quote(str(priv))} "
-          "\\\n      --superlink SUPERLINK_HOST:443 --node-config 'data-path=\"...\" state-dir=\"...\" "
-          "epsilon=8 delta=1e-5'")
+    print(f"next: send {pub} to the coordinator with the fingerprint, who checks it and registers the key:")
+    print("  " + commands.register_command(pub, name=args.name))
+    print(f"save the coordinator's ca.crt as {home / 'ca.crt'} and compare its fingerprint with the "
+          "coordinator's:")
+    print(f"  openssl x509 -in {commands.q(home / 'ca.crt')} -noout -fingerprint -sha256")
+    print("encrypt this institution's dataset (the key stays here):")
+    print(f"  fedpriv dataset keygen {commands.q(home / 'dataset.key')}")
+    data = commands.q(args.data) if args.data else "YOUR_DATA.csv"
+    print(f"  fedpriv dataset encrypt {data} {commands.q(home / 'data.fpenc')} --key-file "
+          f"{commands.q(home / 'dataset.key')}")
+    print("then start this institution's node once the key is registered (FLWR_HOME: where the SuperNode keeps "
+          "its files; epsilon and delta are this institution's whole budget for this data):")
+    print("  " + commands.export_flwr_home(home / "flwr-home"))
+    config = commands.node_config(name=args.name, data_path=home / "data.fpenc", key_file=home / "dataset.key",
+                                  state_dir=home / "state")
+    print("  " + commands.supernode_command(ca=home / "ca.crt", key=priv, superlink=superlink, config=config,
+                                            port=args.port))
+    if args.superlink is None:
+        print("  # SUPERLINK_HOST:PORT: the address your coordinator gives you (pass --superlink to print it)")
+    if args.port is None:
+        print("  # several SuperNodes on one machine: give each a distinct --port (Flower's default is 9094)")
     return 0

@@ -56,7 +56,7 @@ def register(sub) -> None:
     sel.add_argument("--keep-best", action="store_true", default=None,
                      help="keep best/ (the best round by --stop-metric) beside model/ even without early stopping")
     add_privacy_arguments(p)
-    add_run_arguments(p, run_config_help="more run config keys (see README), or a TOML file of them (as "
+    add_run_arguments(p, run_config_help="more run config keys (see docs/configuration.md), or a TOML file of them (as "
                       "`fedpriv tune` writes)")
     p.set_defaults(func=run)
 

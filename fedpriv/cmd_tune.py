@@ -56,7 +56,7 @@ def register(sub) -> None:
                                     "else accuracy)")
     s.add_argument("--space", metavar="FILE.toml|FILE.json",
                    help="search space overrides: key = {low, high[, log]}, {choices = [...]} or a fixed value "
-                        "(see README 'Tune')")
+                        "(see docs/tuning.md)")
     s.add_argument("--tune-epsilon", type=float,
                    help="private data: ε the whole search may spend per node (default: half of --epsilon)")
     f = p.add_argument_group("federation (every trial)")

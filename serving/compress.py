@@ -556,7 +556,7 @@ def compress(req: CompressRequest) -> dict[str, Any]:
     Returns
     -------
     dict
-        The report also written to ``compress_report.json`` (see the README "Compress" section).
+        The report also written to ``compress_report.json`` (see docs/compression.md).
     """
     import torch
     import transformers

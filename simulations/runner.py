@@ -175,7 +175,7 @@ def backend_config(num_nodes: int) -> dict[str, Any]:
 
 class _KnownDeprecation(logging.Filter):
     """Drops Flower's one warning that ``run_simulation`` is deprecated: fedpriv uses it on purpose (in-process,
-    no SuperLink left behind; README "Design"); the warning would only alarm users of ``simulate``."""
+    no SuperLink left behind; docs/design.md); the warning would only alarm users of ``simulate``."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.getMessage().startswith("DEPRECATED FEATURE: The `run_simulation` function"))

@@ -215,13 +215,19 @@ def test_cli(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert f"--ssl-ca-certfile {c}/ca.crt --ssl-certfile {c}/server.pem --ssl-keyfile {c}/server.key" in out
     assert "--enable-supernode-auth" in out and "--superlink superlink.example.org:443" in out
+    assert "--disable-runtime-dependency-installation" in out and f"--database {tmp_path}/state.db" in out
+    assert f"export FLWR_HOME={tmp_path}/flwr-home" in out and "/config.toml" in out
     assert certificate_fingerprint(c / "ca.crt") in out
     srv = x509.load_pem_x509_certificate((c / "server.pem").read_bytes())
     assert _sans(srv)[0] == ["superlink.example.org", "localhost"]
     assert main(["certs", "node", str(tmp_path / "k"), "n0"]) == 0
     out = capsys.readouterr().out
-    assert f"flwr supernode register {tmp_path}/k/n0.pub <connection>" in out
+    assert f"flwr supernode register {tmp_path}/k/n0.pub fed --name n0" in out
     assert f"--auth-supernode-private-key {tmp_path}/k/n0" in out
+    assert f'node-name="n0" data-path="{tmp_path}/data.fpenc" key-file="{tmp_path}/dataset.key" ' \
+           f'require-encryption=true epsilon=8 delta=1e-5 state-dir="{tmp_path}/state"' in out
+    assert f"export FLWR_HOME={tmp_path}/flwr-home" in out
+    assert "SUPERLINK_HOST:PORT" in out  # no invented address without --superlink
     assert ssh_public_key_fingerprint(tmp_path / "k" / "n0.pub") in out
     assert main(["certs", "init", str(tmp_path / "nl"), "--server-host", "sl.example.org", "--no-loopback"]) == 0
     capsys.readouterr()

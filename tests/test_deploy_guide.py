@@ -1,0 +1,252 @@
+"""The commands `fedpriv certs` prints are the guide's (docs/deploy.md), complete, and they work as printed.
+
+The fast tests compare the printed hints with the guide's single-machine trial and run the printed
+connection-file command. The slow test runs the printed commands themselves on 127.0.0.1: the SuperLink
+(TLS, node authentication, SQLite, no runtime dependency installation), the CLI connection, registration,
+a SuperNode with its own FLWR_HOME and --port, and an unregistered node, whose refusal the SuperLink logs
+with the line the guide quotes. Every process is started here and stopped by its PID (process group).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from deploy import commands
+from fedpriv.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+GUIDE = ROOT / "docs" / "deploy.md"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _commands(text: str) -> list[str]:
+    """Shell commands in printed or Markdown text: indented or code lines, continuations joined."""
+    out: list[str] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not pending and not re.match(r"(export|printf|flower-|flwr |fedpriv |openssl |python )", line):
+            continue
+        pending += (" " if pending else "") + line.removesuffix("\\").strip()
+        if not line.endswith("\\"):
+            out.append(pending)
+            pending = ""
+    return out
+
+
+def _hints(capsys, trial: Path, *, port: int = 8000, node_ports: tuple[int, int] = (9201, 9202)) -> dict:
+    """What `fedpriv certs init` and `fedpriv certs node` (two sites) print for the guide's trial layout."""
+    assert main(["certs", "init", str(trial / "coordinator" / "certs"), "--server-host", "127.0.0.1",
+                 "--port", str(port)]) == 0
+    out = {"init": capsys.readouterr().out}
+    for site, p in zip(("site-a", "site-b"), node_ports, strict=True):
+        assert main(["certs", "node", str(trial / site / "keys"), site, "--superlink", f"127.0.0.1:{port}",
+                     "--port", str(p), "--data", str(trial / site / "notes.csv")]) == 0
+        out[site] = capsys.readouterr().out
+    return out
+
+
+def test_printed_hints_are_the_guides_commands(tmp_path: Path, capsys) -> None:
+    trial = tmp_path / "fedpriv-trial"
+    hints = _hints(capsys, trial)
+    guide = set(_commands(GUIDE.read_text().replace("'$T'", "$T")))
+    printed = [c.replace(str(trial), "$T") for h in hints.values() for c in _commands(h)]
+    printed = [c for c in printed if "NAME" not in c]  # "for each institution" placeholders, not commands
+    assert len(printed) >= 14
+    missing = [c for c in printed if c not in guide]
+    assert not missing, "printed by fedpriv certs but not in docs/deploy.md:\n" + "\n".join(missing)
+
+
+def test_printed_hints_are_complete(tmp_path: Path, capsys) -> None:
+    hints = _hints(capsys, tmp_path)
+    superlink = next(c for c in _commands(hints["init"]) if c.startswith("flower-superlink"))
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth",
+                 "--database", "--disable-runtime-dependency-installation"):
+        assert flag in superlink.split(), flag
+    assert "--host 127.0.0.1 --port 8000" in superlink
+    assert "127.0.0.1:443" not in hints["init"]  # no proxy on a single machine: the SuperLink's own port
+    assert "fedpriv certs node keys NAME --superlink 127.0.0.1:8000" in hints["init"]
+    node = next(c for c in _commands(hints["site-a"]) if c.startswith("flower-supernode"))
+    cfg = shlex.split(node)[shlex.split(node).index("--node-config") + 1]
+    for key in ("node-name=", "data-path=", "key-file=", "require-encryption=true", "epsilon=8", "delta=1e-5",
+                "state-dir="):
+        assert key in cfg, key
+    assert "--superlink 127.0.0.1:8000 --port 9201" in node
+    assert "127.0.0.1:443" not in hints["site-a"]
+    for text in hints.values():  # FLWR_HOME before every Flower process of each role
+        cmds = _commands(text)
+        for i, c in enumerate(cmds):
+            if c.startswith(("flower-superlink", "flower-supernode")):
+                assert any(x.startswith("export FLWR_HOME=") for x in cmds[:i]), c
+
+
+def test_certs_init_behind_a_proxy_points_nodes_at_the_proxy(tmp_path: Path, capsys) -> None:
+    assert main(["certs", "init", str(tmp_path / "c"), "--server-host", "superlink.example.org"]) == 0
+    out = capsys.readouterr().out
+    assert "fedpriv certs node keys NAME --superlink superlink.example.org:443" in out
+    assert "deploy/nginx-fleet-only.conf" in out
+    assert commands.superlink_address("::1") == "127.0.0.1:8000"
+    assert commands.superlink_address("2001:db8::5") == "[2001:db8::5]:443"
+
+
+def test_printed_printf_writes_the_connection_file(tmp_path: Path, capsys) -> None:
+    hints = _hints(capsys, tmp_path / "t", port=8123)
+    cmds = _commands(hints["init"])
+    script = " && ".join(c for c in cmds if c.startswith(("export FLWR_HOME", "printf ")))
+    subprocess.run(["bash", "-c", script], check=True, env={"PATH": os.environ.get("PATH", "")})
+    cfg = tomllib.loads((tmp_path / "t" / "coordinator" / "flwr-home" / "config.toml").read_text())
+    ca = str(tmp_path / "t" / "coordinator" / "certs" / "ca.crt")
+    assert cfg == {"superlink": {"default": "fed", "fed": {"address": "127.0.0.1:8123", "root-certificates": ca}}}
+
+
+# ------------------------------------------------------------------------------------------ real processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class _Shells:
+    """Each printed command runs in its own bash (its role's exports first), in its own process group."""
+
+    def __init__(self, env: dict[str, str], logdir: Path) -> None:
+        self.env, self.logdir, self.procs, self.files = env, logdir, {}, []
+
+    def run(self, script: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", script], env=self.env, capture_output=True, text=True,
+                              timeout=timeout, cwd=self.logdir, stdin=subprocess.DEVNULL)
+
+    def start(self, name: str, exports: str, command: str) -> subprocess.Popen:
+        """``exports`` then ``exec command``: the process keeps the PID that is stopped later."""
+        log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 (closed in stop_all)
+        self.files.append(log)
+        p = subprocess.Popen(["bash", "-c", f"{exports}\nexec {command}"], env=self.env, stdout=log,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                             cwd=self.logdir)
+        self.procs[name] = p
+        return p
+
+    def log(self, name: str) -> str:
+        path = self.logdir / f"{name}.log"
+        return ANSI.sub("", path.read_text(errors="replace")) if path.exists() else ""
+
+    def stop_all(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                    p.wait(timeout=20)
+                except ProcessLookupError:
+                    pass
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait(timeout=10)
+        for f in self.files:
+            f.close()
+
+
+@pytest.mark.slow
+def test_printed_commands_run_a_federation_and_refuse_an_unregistered_node(tmp_path: Path, capsys) -> None:
+    from common.data import Schema, write_dataset
+    from simulations.synthetic import make_synthetic
+
+    trial = tmp_path / "trial"
+    port, pa, pc = _free_port(), _free_port(), _free_port()
+    hints = _hints(capsys, trial, port=port, node_ports=(pa, _free_port()))
+    assert main(["certs", "node", str(trial / "site-c" / "keys"), "site-c", "--superlink", f"127.0.0.1:{port}",
+                 "--port", str(pc)]) == 0
+    hints["site-c"] = capsys.readouterr().out
+    init, site_a, site_c = (_commands(hints[k]) for k in ("init", "site-a", "site-c"))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONPATH": str(ROOT),
+           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("FLWR_HOME", None)
+    env.pop("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", None)  # the printed SuperLink command must say it
+    sh = _Shells(env, tmp_path)
+    coordinator_home = next(c for c in init if c.startswith("export FLWR_HOME"))
+    try:
+        # the coordinator's shell: FLWR_HOME, the connection file, then flwr before the SuperLink is up
+        r = sh.run(" && ".join(c for c in init if c.startswith(("export FLWR_HOME", "printf "))))
+        assert r.returncode == 0, r.stderr
+        home = trial / "coordinator" / "flwr-home"
+        config = (home / "config.toml").read_text()
+        r = sh.run(f"{coordinator_home} && flwr ls")
+        assert r.returncode != 0 and "unavailable" in r.stdout + r.stderr, r.stdout + r.stderr
+        assert (home / "config.toml").read_text() == config  # flwr did not rewrite it to a local connection
+        assert not (home / "local-superlink").exists() and not _listening(39091)  # no stray local SuperLink
+
+        link_cmd = next(c for c in init if c.startswith("flower-superlink"))
+        link = sh.start("superlink", coordinator_home, link_cmd)
+        end = time.monotonic() + 180
+        while "Starting Flower SuperExec" not in sh.log("superlink"):
+            assert link.poll() is None, sh.log("superlink")[-3000:]
+            assert time.monotonic() < end, sh.log("superlink")[-3000:]
+            time.sleep(0.5)
+
+        # the institution's printed dataset commands, on a small demo file
+        schema = Schema("text", "label", "group")
+        write_dataset(make_synthetic(60, seed=1), trial / "site-a" / "notes.csv", schema=schema)
+        for site in ("site-a", "site-c"):  # "the coordinator sends you ca.crt"
+            (trial / site / "ca.crt").write_bytes((trial / "coordinator" / "certs" / "ca.crt").read_bytes())
+        r = sh.run(" && ".join(c for c in site_a if c.startswith(("fedpriv dataset", "openssl "))).replace(
+            "fedpriv ", f"{sys.executable} -m fedpriv "))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert (trial / "site-a" / "data.fpenc").stat().st_size > 0
+
+        # the coordinator registers the key with the printed command, and the node starts as printed
+        register = next(c for c in site_a if c.startswith("flwr supernode register"))
+        r = sh.run(f"{coordinator_home} && {register}")
+        assert r.returncode == 0 and "registered successfully" in r.stdout, r.stdout + r.stderr
+        node_id = re.search(r"SuperNode (\d+) registered", r.stdout).group(1)
+        node_home = next(c for c in site_a if c.startswith("export FLWR_HOME"))
+        node = sh.start("site-a", node_home, next(c for c in site_a if c.startswith("flower-supernode")))
+        end = time.monotonic() + 180
+        while True:
+            r = sh.run(f"{coordinator_home} && flwr supernode list fed --format json")
+            nodes = json.loads(r.stdout[r.stdout.index("{"):])["nodes"] if "{" in r.stdout else []
+            if any(str(n["node-id"]) == node_id and n["status"] == "online" for n in nodes):
+                break
+            assert node.poll() is None, sh.log("site-a")[-3000:]
+            assert time.monotonic() < end, sh.log("site-a")[-3000:]
+            time.sleep(1.0)
+        assert (trial / "site-a" / "flwr-home").is_dir()
+
+        # an unregistered key: the node's message reads like a network problem; the SuperLink's names the key
+        c_home = next(c for c in site_c if c.startswith("export FLWR_HOME"))
+        c_cmd = next(c for c in site_c if c.startswith("flower-supernode")) + " --max-retries 2"
+        rogue = sh.start("site-c", c_home, c_cmd)
+        try:
+            assert rogue.wait(timeout=180) != 0
+        except subprocess.TimeoutExpired:
+            pytest.fail("unregistered SuperNode still running:\n" + sh.log("site-c")[-3000:])
+        assert "Exit Code: 305" in sh.log("site-c") and "Failed to activate SuperNode." in sh.log("site-c")
+        quoted = ("ERROR :     [/v1/fleet/activate-node][ApiError:2004] Attempted to register SuperNode with public "
+                  "key: b'-----BEGIN PUBLIC KEY-----")
+        assert quoted in sh.log("superlink"), sh.log("superlink")[-3000:]
+        assert "exception: No SuperNode found with the given public key." in sh.log("superlink")
+        assert '"POST /v1/fleet/activate-node HTTP/1.1" 412' in sh.log("superlink")
+        guide = GUIDE.read_text()
+        assert quoted in guide and "No SuperNode found with the given public key." in guide
+        assert node.poll() is None and link.poll() is None
+    finally:
+        sh.stop_all()
+    assert all(p.returncode is not None for p in sh.procs.values())
