@@ -5,10 +5,10 @@ honoured and what statistics may leave come from its node config (:class:`common
 config can only ask for less spending or more noise. What leaves the node:
 
 * train reply: ``arrays`` (trainable tensors only) and ``metrics`` with ``num-examples`` (treated as public),
-  ``bytes-up``, ``train-seconds`` and the accounting of the release (``epsilon``, ``epsilon-round``,
+  ``bytes-up`` and the accounting of the release (``epsilon``, ``epsilon-round``,
   ``noise-multiplier``, ``epsilon-budget``); ``info`` with the node name, status, the signed ledger entry and a
   warning when the round is mostly noise. Exact ``train-loss``/``train-accuracy`` only with the node config
-  opt-in ``share-exact-metrics``, cleaning counts only with ``share-cleaning-counts``;
+  opt-in ``share-exact-metrics`` (with ``train-seconds``), cleaning counts only with ``share-cleaning-counts``;
 * refusal: ``num-examples = 0``, no arrays, the reason in ``info``; a node whose data cannot be opened replies
   with a Flower error;
 * evaluate reply: per-group confusion counts noised with ``count-noise-epsilon`` and ledgered (default), or
@@ -34,6 +34,7 @@ from client.train import DpSettings, TrainSettings, grad_sample_mode_for, train_
 from common.config import NodeConfig, RunConfig
 from common.fairness import group_confusions
 from common.inference import predict
+from common.logs import deployment_logging
 from common.model import (
     ModelSpec,
     build_model,
@@ -192,9 +193,10 @@ def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -
         return _error_reply(msg, ERROR_CODE_TRAIN, f"training failed: {type(exc).__name__}: {exc}")
     # What leaves the node: the update and num-examples (public), and the accounting of the release. Exact
     # statistics of the records (loss, accuracy, cleaning counts) only when the institution opted in.
-    metrics: dict[str, Any] = {"num-examples": len(data.train), "train-seconds": float(result.seconds)}
-    if node.share_exact_metrics:
-        metrics.update({"train-loss": float(result.loss), "train-accuracy": float(result.accuracy)})
+    metrics: dict[str, Any] = {"num-examples": len(data.train)}
+    if node.share_exact_metrics:  # the training time depends on the Poisson batch sizes: a side channel too
+        metrics.update({"train-loss": float(result.loss), "train-accuracy": float(result.accuracy),
+                        "train-seconds": float(result.seconds)})
     if node.share_cleaning_counts:
         metrics.update(data.cleaning)
     trained = trainable_state(model)
@@ -266,12 +268,18 @@ def build_client_app(sim_nodes_dir: str | None = None) -> ClientApp:
     """A ClientApp. ``sim_nodes_dir`` is for simulations only: virtual nodes read their node config there."""
     client_app = ClientApp()
 
+    def deployed() -> None:
+        if sim_nodes_dir is None:  # deployment: one INFO line per round and decision in the SuperNode output
+            deployment_logging()
+
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
+        deployed()
         return handle_train(msg, context, sim_nodes_dir=sim_nodes_dir)
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        deployed()
         return handle_evaluate(msg, context, sim_nodes_dir=sim_nodes_dir)
 
     return client_app

@@ -36,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
     if s["failed_rounds"]:
         print(f"failed rounds: {s['failed_rounds']}")
     for name, n in sorted(s["nodes"].items()):
-        print(f"  {name}: trained {n['rounds_trained']} rounds, ε {_f(n.get('epsilon'), 3)}, "
-              f"refused {n['refusals']}, rejected {n['rejected']}")
+        print(f"  {name}: trained {n['rounds_trained']} rounds, ε {_f(n.get('epsilon'), 3)}"
+              + (f" of {_f(n['budget'], 3)} (left {_f(n.get('epsilon_left'), 3)})" if n.get("budget") else "")
+              + (f", noise multiplier {_f(n['noise_multiplier'], 3)}" if n.get("noise_multiplier") else "")
+              + f", refused {n['refusals']}, rejected {n['rejected']}")
+        if n.get("warning"):
+            print(f"    warning: {n['warning']}")
     return 0

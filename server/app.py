@@ -12,6 +12,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
+from common.logs import deployment_logging
 from server.loop import Progress, run_federation
 
 log = logging.getLogger("fedpriv.server")
@@ -23,6 +24,8 @@ def build_server_app(cfg: RunConfig | None = None, *, progress: Progress | None 
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        if cfg is None:  # deployment: round and decision lines at INFO, into `flwr log`
+            deployment_logging()
         run_cfg = cfg if cfg is not None else RunConfig.from_mapping(dict(context.run_config))
         run_federation(grid, run_cfg, progress=progress)
 

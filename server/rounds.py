@@ -136,10 +136,14 @@ def _take_train_reply(reply, out: TrainResult, cfg: RunConfig, rundir: RunDir, *
     entry = info.get("ledger_entry")
     if entry:
         rundir.store_ledger_entry(name, entry, info.get("public_key"))
+    if info.get("warning"):  # e.g. the node's remaining budget makes this round mostly noise
+        row["warning"] = info["warning"]
+        log.warning("run=%s round=%d node=%s warns: %s", run_id, rnd, name, info["warning"])
     if info.get("status") == "refused":
         row["reason"] = info.get("reason")
         out.refusals.append({"node": name, "reason": info.get("reason")})
         out.per_node[name] = row
+        log.warning("run=%s round=%d node=%s refused: %s", run_id, rnd, name, info.get("reason"))
         return
     if "arrays" not in reply.content:
         out.rejected.append({"node": name, "reason": "reply has no arrays"})
@@ -155,6 +159,9 @@ def _take_train_reply(reply, out: TrainResult, cfg: RunConfig, rundir: RunDir, *
     row["update_norm"] = update_norm(got, arrays)
     out.updates.append(Update(node=name, arrays=got, num_examples=int(m["num-examples"])))
     out.per_node[name] = row
+    log.info("run=%s round=%d node=%s %s n=%s eps=%s", run_id, rnd, name,
+             "re-sent its stored update" if info.get("replayed") else "trained", m.get("num-examples"),
+             m.get("epsilon", "off"))
 
 
 # ------------------------------------------------------------------------------------------- aggregate

@@ -28,6 +28,14 @@ def summarise(run_dir: str | Path) -> dict[str, Any]:
             d["rejected"] += status == "rejected"
             if "epsilon" in n:
                 d["epsilon"] = n["epsilon"]
+            if "noise-multiplier" in n:
+                d["noise_multiplier"] = n["noise-multiplier"]
+            if "epsilon-budget" in n:
+                d["budget"] = n["epsilon-budget"]
+            if n.get("warning"):
+                d["warning"] = n["warning"]
+            if d.get("budget") is not None and d.get("epsilon") is not None:
+                d["epsilon_left"] = max(float(d["budget"]) - float(d["epsilon"]), 0.0)
     last = rows[-1] if rows else None
     fair = last.fairness if last is not None else None
     return {

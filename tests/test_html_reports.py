@@ -18,6 +18,7 @@ from common.fairness import fairness_report
 from common.ledger import Ledger, load_or_create_node_key
 from common.metrics import classification_metrics
 from common.privacy import DpSgdRelease, compute_epsilon
+from server.rows import RoundRow
 from server.rundir import RunDir
 
 RUN = "run-html"
@@ -26,6 +27,7 @@ Q, STEPS, DELTA, COUNT_EPS = 0.05, 40, 1e-5, 0.1
 SIGMA = {"node-0": 1.0, "node-1": 1.5}
 BUDGET = {"node-0": 8.0, "node-1": 2.0}
 NUM_EXAMPLES = {"node-0": 800, "node-1": 530}
+BATCH = {"node-0": 40, "node-1": 27}  # q = 1/ceil(n/B) = Q for both
 REFUSAL = "training would spend ε=2.14 > budget 2.00 at δ=1e-05 (spent so far 1.82)"
 
 
@@ -76,7 +78,8 @@ def make_run(tmp: Path, *, dp: bool = True) -> Path:
                 "schema": 1, "kind": "dp-sgd", "run": RUN, "round": rnd, "node": node, "dataset": "d" * 64,
                 "accountant": "prv", "delta": DELTA, "noise_multiplier": sigma, "sample_rate": Q, "steps": STEPS,
                 "clipping_norm": 1.0, "epsilon": eps, "epsilon_round": eps - prev, "budget_epsilon": BUDGET[node],
-                "noise_seed": None, "time": "2026-11-30T00:00:00+00:00"})]
+                "noise_seed": None, "num_examples": NUM_EXAMPLES[node], "batch_size": BATCH[node], "epochs": 2,
+                "steps_executed": STEPS, "time": "2026-11-30T00:00:00+00:00"})]
             if node == "node-1":
                 entries.append(ledgers[node].append({
                     "schema": 1, "kind": "count-noise", "run": RUN, "round": rnd, "node": node, "dataset": "d" * 64,
@@ -90,7 +93,7 @@ def make_run(tmp: Path, *, dp: bool = True) -> Path:
         row["nodes_trained"] = len([r for r in row["nodes"].values() if r["status"] == "ok"])
         row.update(_metrics(_counts(rnd)), loss=0.6, train_loss=0.65)
         row.update(_metrics(_counts(10 + rnd), prefix="eval_"), eval_loss=0.7)
-        run.append_metrics(row)
+        run.append_metrics(RoundRow.from_json(row))
     return run.path
 
 
