@@ -12,6 +12,7 @@ import sys
 
 from audit.empirical import AuditSettings, plot_scores, run_audit
 from common.data import DataError, Schema, load_dataset, observed_labels
+from fedpriv.options import MAX_LENGTH, NON_NEGATIVE, OPEN_UNIT, POSITIVE, int_at_least
 from simulations.synthetic import make_synthetic
 
 
@@ -27,29 +28,29 @@ def register(sub) -> None:
     d.add_argument("--data", help="public or synthetic training data to add canaries to (default: demo data)")
     d.add_argument("--text-col", default="text")
     d.add_argument("--label-col", default="label")
-    d.add_argument("--examples", type=int, default=300, help="demo-data examples when --data is not given (300)")
+    d.add_argument("--examples", type=int_at_least(1), default=300, help="demo-data examples when --data is not given (300)")
     c = p.add_argument_group("canaries and guesses")
-    c.add_argument("--canaries", type=int, default=200, help="number of canaries m (default 200)")
-    c.add_argument("--words-per-canary", type=int, default=4, help="unused vocabulary words per canary (4)")
-    c.add_argument("--guesses-in", type=int, help="guess 'in' for this many top scores (default m/5)")
-    c.add_argument("--guesses-out", type=int, help="guess 'out' for this many bottom scores (default m/5)")
+    c.add_argument("--canaries", type=int_at_least(2), default=200, help="number of canaries m (default 200)")
+    c.add_argument("--words-per-canary", type=int_at_least(1), default=4, help="unused vocabulary words per canary (4)")
+    c.add_argument("--guesses-in", type=int_at_least(0), help="guess 'in' for this many top scores (default m/5)")
+    c.add_argument("--guesses-out", type=int_at_least(0), help="guess 'out' for this many bottom scores (default m/5)")
     c.add_argument("--score", choices=("embedding", "loss"), default="embedding",
                    help="embedding (white-box: how far the canary's word embeddings moved; needs full) or loss")
-    c.add_argument("--confidence", type=float, default=0.95)
+    c.add_argument("--confidence", type=OPEN_UNIT, default=0.95)
     m = p.add_argument_group("training (one node, the ClientApp's DP-SGD code)")
     m.add_argument("--model", default="tiny", help="tiny (default), minilm, or a local Hugging Face directory")
     m.add_argument("--train-part", choices=("full", "head", "lora", "classifier"), default="full")
-    m.add_argument("--epochs", type=int, default=5)
-    m.add_argument("--batch-size", type=int, default=32)
-    m.add_argument("--lr", type=float, default=1e-3, dest="learning_rate")
-    m.add_argument("--max-length", type=int, default=32)
+    m.add_argument("--epochs", type=int_at_least(1), default=5)
+    m.add_argument("--batch-size", type=int_at_least(1), default=32)
+    m.add_argument("--lr", type=NON_NEGATIVE, default=1e-3, dest="learning_rate")
+    m.add_argument("--max-length", type=MAX_LENGTH, default=32)
     m.add_argument("--device", default="auto")
     pr = p.add_argument_group("privacy")
-    pr.add_argument("--epsilon", type=float, default=8.0, help="target ε the noise is calibrated to (default 8)")
-    pr.add_argument("--noise-multiplier", type=float,
+    pr.add_argument("--epsilon", type=POSITIVE, default=8.0, help="target ε the noise is calibrated to (default 8)")
+    pr.add_argument("--noise-multiplier", type=NON_NEGATIVE,
                     help="use this σ instead of calibrating (0 = a non-private control run)")
-    pr.add_argument("--delta", type=float, default=1e-5)
-    pr.add_argument("--clip", type=float, default=1.0, dest="clipping_norm", help="clipping norm C (default 1)")
+    pr.add_argument("--delta", type=OPEN_UNIT, default=1e-5)
+    pr.add_argument("--clip", type=POSITIVE, default=1.0, dest="clipping_norm", help="clipping norm C (default 1)")
     pr.add_argument("--accountant", choices=("prv", "rdp"), default="prv")
     pr.add_argument("--seed", type=int, default=0, help="seed of canaries, coin flips and sampling")
     pr.add_argument("--noise-seed", type=int, help="seed the DP noise (default: OS entropy)")
