@@ -25,7 +25,7 @@ from simulations.runner import (
     record_fingerprint,
 )
 from simulations.runner import run as run_sim
-from simulations.stop import MSG_INTERRUPTED, SimulationInterrupted
+from simulations.stop import MSG_INTERRUPTED, SimulationInterrupted, exit_now
 
 ERR_OPTION = "{option} must be {allowed}, got {value}"
 ERR_OUT_NOT_DIR = "--out {out} exists and is not a directory; give a directory for the run"
@@ -317,9 +317,9 @@ def _simulate(cfg, args: argparse.Namespace, opts, plan, fingerprint) -> int:
         display = RoundDisplay(console, cfg, quiet=args.quiet)
         committed = _committed_round(out)
         run_sim(cfg, nodes_dir=nodes_dir, num_nodes=opts.nodes, progress=display)
-    except SimulationInterrupted as exc:
-        print(f"fedpriv simulate: {MSG_INTERRUPTED.format(signal=exc.signal_name, out=out)}", file=sys.stderr)
-        return 128 + int(getattr(signal, exc.signal_name, signal.SIGINT))
+    except SimulationInterrupted as exc:  # Ray is down and no process of the run is left: exit at once
+        exit_now(128 + int(getattr(signal, exc.signal_name, signal.SIGINT)),
+                 f"fedpriv simulate: {MSG_INTERRUPTED.format(signal=exc.signal_name, out=out)}")
     display.finish()
     failure = nothing_trained(out, after_round=committed)
     if failure:

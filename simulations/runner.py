@@ -40,6 +40,8 @@ from simulations.stop import (
     SimulationInterrupted,
     StoppableGrid,
     StopSignal,
+    descendants,
+    keep_our_sigterm_handler,
     kill_descendants,
     stop_on_signals,
 )
@@ -58,6 +60,8 @@ QUIET_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # no "Loading weights" bars inside the round table
     "RAY_DEDUP_LOGS": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    # no C++ stack dump on SIGTERM/SIGINT from Ray's core worker: fedpriv stops with one line (simulations/stop.py)
+    "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1",
 }
 
 
@@ -283,7 +287,7 @@ def run(cfg: RunConfig, *, nodes_dir: Path, num_nodes: int, progress=None) -> No
     hide = _KnownDeprecation()
     flwr_logger.addFilter(hide)
     try:
-        with stop_on_signals(stop, out=str(cfg.out)):
+        with stop_on_signals(stop, out=str(cfg.out)), keep_our_sigterm_handler():
             try:
                 run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
                                backend_name="ray", backend_config=backend_config(num_nodes))
@@ -296,7 +300,8 @@ def run(cfg: RunConfig, *, nodes_dir: Path, num_nodes: int, progress=None) -> No
     finally:
         flwr_logger.removeFilter(hide)
         flwr_logger.setLevel(level)
+        ours = descendants() if stop.signal_name else []
         if ray.is_initialized():
             ray.shutdown()
         if stop.signal_name:
-            kill_descendants()  # whatever Ray left behind (the run is over: nothing of ours may outlive it)
+            kill_descendants(also=ours)  # whatever Ray left behind: nothing of the run may outlive it

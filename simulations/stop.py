@@ -11,8 +11,11 @@ hangs) and Ray actors printing ``ActorDiedError`` tracebacks. Instead, while a s
    progress is dropped, the last committed round (``checkpoint/state.json``) stays as it was, and rerunning
    the same command resumes from it;
 3. a watchdog kills the Ray worker processes still busy with that round after :data:`GRACE_S` seconds, so
-   the runtime returns; ``simulations.runner.run`` then shuts Ray down and kills any process of this
-   run that is still alive (:func:`kill_descendants`);
+   the runtime returns (Flower then waits 3 s for a result that will not come); ``simulations.runner.run``
+   shuts Ray down and kills any process of this run that is still alive (:func:`kill_descendants`, also
+   those Ray re-parented while shutting down), and ``fedpriv simulate`` prints one line and exits at once
+   (:func:`exit_now`: tearing down Ray's core worker at interpreter exit takes seconds more; every file
+   fedpriv writes is already durable);
 4. if the process is somehow still not done after :data:`HARD_STOP_S` seconds, or on a second signal, the
    watchdog kills every descendant and exits the process itself.
 """
@@ -29,8 +32,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-GRACE_S = 1.5  # let the ServerApp thread and idle actors stop by themselves first
-HARD_STOP_S = 10.0  # then exit the process whatever is still running
+GRACE_S = 0.5  # let the ServerApp thread and idle actors stop by themselves first
+HARD_STOP_S = 6.0  # then exit the process whatever is still running
 POLL_S = 0.1
 MSG_INTERRUPTED = ("interrupted ({signal}): stopped; every committed round is kept in {out} (rerun the same "
                    "command to resume)")
@@ -51,7 +54,6 @@ class StopSignal:
         self.event = threading.Event()
         self.signal_name = ""
         self.exit_code = 130
-        self.hard_exit_message = ""
 
     def check(self) -> None:
         if self.event.is_set():
@@ -103,17 +105,48 @@ def descendants() -> list[Any]:
         return []
 
 
-def kill_descendants(*, only_workers: bool = False) -> None:
-    """SIGKILL every descendant (with ``only_workers``, just Ray worker processes: ``ray::`` titles)."""
+def kill_descendants(*, only_workers: bool = False, also: Iterable[Any] = ()) -> None:
+    """SIGKILL every descendant (with ``only_workers``, just Ray worker processes: ``ray::`` titles), and the
+    processes in ``also`` (a snapshot taken before Ray shut down: its workers may have been re-parented)."""
     import psutil
 
-    for proc in descendants():
+    for proc in [*descendants(), *also]:
         try:
             if only_workers and not " ".join(proc.cmdline()).startswith("ray::"):
                 continue
             proc.kill()
         except psutil.Error:
             pass
+
+
+@contextlib.contextmanager
+def keep_our_sigterm_handler() -> Iterator[None]:
+    """``ray.init`` replaces the driver's SIGTERM handler with ``sys.exit``; keep :func:`stop_on_signals`'
+    handler instead while a simulation runs (Ray calls ``ray._private.utils.set_sigterm_handler``)."""
+    try:
+        import ray._private.utils as ray_utils
+    except ImportError:  # pragma: no cover - Ray is a dependency of flwr[simulation]
+        yield
+        return
+    original = getattr(ray_utils, "set_sigterm_handler", None)
+    if original is None:  # pragma: no cover - another Ray version: SIGINT still works, SIGTERM exits Ray's way
+        yield
+        return
+    ray_utils.set_sigterm_handler = lambda _handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = original
+
+
+def exit_now(code: int, message: str) -> None:
+    """Print ``message`` (one line) and end the process with ``code`` without the interpreter's teardown."""
+    with contextlib.suppress(Exception):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+    os._exit(code)
 
 
 @contextlib.contextmanager
@@ -137,12 +170,7 @@ def stop_on_signals(stop: StopSignal, *, out: str) -> Iterator[StopSignal]:
 
     def hard_exit() -> None:
         kill_descendants()
-        message = stop.hard_exit_message or MSG_INTERRUPTED.format(signal=stop.signal_name, out=out)
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.write(f"fedpriv: {message}\n")
-            sys.stderr.flush()
-        os._exit(stop.exit_code)
+        exit_now(stop.exit_code, "fedpriv: " + MSG_INTERRUPTED.format(signal=stop.signal_name, out=out))
 
     def handler(signum: int, _frame: Any) -> None:
         if stop.event.is_set():  # a second signal: stop now

@@ -24,6 +24,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        "FEDPRIV_SIM_KEY_DIR": str(tmp_path / "sim-keys"),
     })
     return env
 
@@ -149,8 +150,16 @@ def test_encrypted_nodes_leave_no_plaintext_on_disk(dp_run: Path) -> None:
 
 
 def test_node_refuses_when_delta_is_too_large_and_the_run_records_it(tmp_path: Path) -> None:
+    """Every node refuses: the run is recorded, and the command says so and exits 1 (issue 15: it printed
+    "done" and exited 0)."""
     out = tmp_path / "run"
-    _simulate(tmp_path, out, "--delta", "0.05", "--rounds", "1", "--train-part", "head")
+    cmd = [*FEDPRIV, "simulate", "--model", "tiny", "--nodes", "2", "--rounds", "1", "--out", str(out),
+           "--synthetic-size", "600", "--quiet", "--delta", "0.05", "--train-part", "head"]
+    proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "done in" not in proc.stderr + proc.stdout
+    assert "fedpriv simulate: no round trained (all 1 rounds run failed)" in proc.stderr
+    assert "node-0: " in proc.stderr and "delta=0.05 is not below 1/n" in proc.stderr
     row = _rows(out)[0]
     assert row["status"] == "failed"
     assert {r["node"] for r in row["refusals"]} == {"node-0", "node-1"}
