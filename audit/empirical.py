@@ -40,7 +40,6 @@ import numpy as np
 from audit.dirac import ERR_SMALL_BATCH, MIN_EXPECTED_BATCH, dirac_scores, make_records, train_with_canaries
 from audit.dirac import SCORES as DIRAC_SCORES
 from audit.onerun import (
-    ERR_CONFIDENCE,
     ERR_GUESSES,
     choose_guesses,
     epsilon_ceiling,
@@ -67,11 +66,15 @@ ERR_SCORE_PART = ("score 'embedding' needs the word embeddings to train (train_p
                   "{part!r}. Use --train-part full or --score loss.")
 ERR_FEW_WORDS = ("only {have} unused vocabulary words are left for canaries, {need} are needed "
                  "({m} canaries x {t} words); use fewer canaries or fewer words per canary")
-ERR_POSITIVE = "{name} must be > 0; got {value}"
-ERR_AT_LEAST = "{name} must be >= {low}; got {value}"
-ERR_CLAIM = "claimed epsilon must be > 0; got {value}"
-ERR_NOISE = "noise multiplier must be >= 0; got {value}"
-ERR_DELTA = "delta must be in (0, 1); got {value}"
+ERR_POSITIVE = "{name} (--{flag}) must be > 0; got {value}"
+ERR_AT_LEAST = "{name} (--{flag}) must be >= {low}; got {value}"
+ERR_CLAIM = "claimed epsilon (--claimed-epsilon) must be > 0; got {value}"
+ERR_NOISE = "noise multiplier (--noise-multiplier) must be >= 0; got {value}"
+ERR_EPSILON = "epsilon (--epsilon) must be > 0 when no noise multiplier is given; got {value}"
+ERR_DELTA = "delta (--delta) must be in (0, 1); got {value}"
+ERR_CONFIDENCE_FLAG = "confidence (--confidence) must be in (0, 1); got {value}"
+_FLAGS = {"canaries": "canaries", "epochs": "epochs", "batch_size": "batch-size", "learning_rate": "lr",
+          "clipping_norm": "clip", "steps_per_epoch": "steps-per-epoch", "base_examples": "examples"}
 ERR_DATA = "--data applies to the text scores (embedding, loss); the {score} audit makes its own records"
 
 
@@ -153,21 +156,21 @@ class AuditSettings:
         for name in ("canaries", "epochs", "batch_size", "learning_rate", "clipping_norm"):
             value = getattr(self, name)
             if value is not None and not value > 0:
-                raise ValueError(ERR_POSITIVE.format(name=name, value=value))
+                raise ValueError(ERR_POSITIVE.format(name=name, flag=_FLAGS[name], value=value))
         if self.steps_per_epoch < 1:
-            raise ValueError(ERR_AT_LEAST.format(name="steps_per_epoch", low=1, value=self.steps_per_epoch))
+            raise ValueError(ERR_AT_LEAST.format(name="steps_per_epoch", flag=_FLAGS["steps_per_epoch"], low=1, value=self.steps_per_epoch))
         if self.base_examples < 0:
-            raise ValueError(ERR_AT_LEAST.format(name="base_examples", low=0, value=self.base_examples))
+            raise ValueError(ERR_AT_LEAST.format(name="base_examples", flag=_FLAGS["base_examples"], low=0, value=self.base_examples))
         if self.noise_multiplier is not None and not self.noise_multiplier >= 0:
             raise ValueError(ERR_NOISE.format(value=self.noise_multiplier))
         if self.noise_multiplier is None and (self.epsilon is None or not self.epsilon > 0):
-            raise ValueError(f"epsilon must be > 0 when no noise multiplier is given; got {self.epsilon}")
+            raise ValueError(ERR_EPSILON.format(value=self.epsilon))
         if self.claimed_epsilon is not None and not self.claimed_epsilon > 0:
             raise ValueError(ERR_CLAIM.format(value=self.claimed_epsilon))
         if not 0.0 < self.delta < 1.0:
             raise ValueError(ERR_DELTA.format(value=self.delta))
         if not 0.0 < self.confidence < 1.0:
-            raise ValueError(ERR_CONFIDENCE.format(value=self.confidence))
+            raise ValueError(ERR_CONFIDENCE_FLAG.format(value=self.confidence))
         m = self.resolved_canaries
         k_in, k_out = self.guesses_in, self.guesses_out
         if k_in is not None or k_out is not None:

@@ -34,6 +34,9 @@ REFUSE_DELTA = (
 REFUSE_LEDGER = ("refusing to release anything: this node's ledger {file} does not verify ({problem}); "
                  "the spend it records cannot be trusted. Check it with `fedpriv ledger verify {file} --pubkey "
                  "{pub}` and restore it from a backup")
+REFUSE_RELEASED = ("refusing to train: round {round} of run {run} was already released (ledger entry {index}) and "
+                   "its stored update is no longer kept; training it again would be a second release of the same "
+                   "round")
 REFUSE_SPENT = "refusing to train: the privacy spent so far cannot be computed ({reason})"
 REFUSE_COST = "refusing to train: the privacy cost cannot be computed ({reason})"
 REFUSE_MIN_ROUND = ("refusing to train: this round would spend only ε={eps:.4g} < min-epsilon-per-round "
@@ -92,6 +95,7 @@ class NodePrivacy:
         self.replay = ReplayStore(self.state_dir)
         self.problem: str | None = None  # set when the ledger does not verify: the node then releases nothing
         self._head = ""  # the ledger head the spend was read at; appends require it unchanged
+        self._entries: list[dict[str, Any]] = []
         self.history: list[DpSgdRelease] = []
         self.count_releases: list[CountRelease] = []
         self._load_spend()
@@ -104,6 +108,7 @@ class NodePrivacy:
                                                 pub=self.public_key_path)
             return
         self._head = res.head
+        self._entries = res.entries
         for e in res.entries:
             if e.get("kind") == "dp-sgd":
                 self.history.append(DpSgdRelease(float(e["noise_multiplier"]), float(e["sample_rate"]),
@@ -150,6 +155,10 @@ class NodePrivacy:
         """Decide this round's noise multiplier; return (plan, None) or (None, refusal reason)."""
         if self.problem is not None:
             return None, self.problem
+        done = next((e for e in self._entries if e.get("kind") == "dp-sgd" and e.get("run") == run
+                     and e.get("round") == server_round), None)
+        if done is not None:  # a replay the store could not answer (:meth:`released` is asked first)
+            return None, REFUSE_RELEASED.format(round=server_round, run=run, index=done.get("index"))
         n = len(self.data.train)
         if self.delta >= 1.0 / max(n, 1):
             return None, REFUSE_DELTA.format(delta=self.delta, inv=1.0 / max(n, 1), n=n)

@@ -33,7 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from common.fsutil import atomic_output
+from common.fsutil import (  # noqa: F401  (the ERR_OUT_* texts are re-exported for messages and tests)
+    ERR_OUT_IS_INPUT,
+    ERR_OUT_NO_PARENT,
+    ERR_OUT_NOT_FILE,
+    ERR_OUT_SYMLINK,
+    UnsafeOutputError,
+    atomic_output,
+    check_output_file,
+)
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -77,6 +85,9 @@ ERR_NOT_REGULAR = "{file}: not a regular file; encrypt reads a file of known siz
 ERR_KEY_FILE = "{file}: not a fedpriv key file (expected a '{label}' line and a line of 32 base64-encoded bytes)"
 ERR_KEY_FILE_UNREADABLE = "{file}: cannot read key file ({reason})"
 ERR_KEY_EXISTS = "{file}: already exists; refusing to overwrite a key file"
+ERR_KEY_FILE_MODE = ("{file}: key file is accessible to other users (mode {mode:04o}); "
+                     "restrict it with `chmod 600 {file}`")
+ERR_OUT_HOLDS = "{out}: holds a fedpriv {what}; refusing to replace it (choose another output path)"
 ERR_PASSPHRASE_ENV = "environment variable {var} is not set or empty; it must hold the passphrase"
 ERR_SCRYPT_PARAMS = ("scrypt_params (log2_n, r, p) must have 1 <= log2_n <= 30, r >= 1, 1 <= p <= 16 and "
                      "128*r*2**log2_n <= 2 GiB; got {params}")
@@ -151,6 +162,7 @@ class KeySource:
     key: bytes | None = field(default=None, repr=False)
     passphrase: bytes | None = field(default=None, repr=False)
     scrypt_params: tuple[int, int, int] = SCRYPT_DEFAULT
+    key_file: Path | None = None  # where ``key`` was read from (outputs must never replace it)
 
     def __post_init__(self) -> None:
         if (self.key is None) == (self.passphrase is None):
@@ -166,7 +178,7 @@ class KeySource:
     @classmethod
     def from_key_file(cls, path: str | os.PathLike[str]) -> KeySource:
         """Key from a file written by :func:`write_key_file` (``fedpriv dataset keygen``)."""
-        return cls(key=read_key_file(path))
+        return cls(key=read_key_file(path), key_file=Path(path))
 
     @classmethod
     def from_passphrase_env(cls, var: str, *,
@@ -223,10 +235,18 @@ def write_key_file(path: str | os.PathLike[str], key: bytes) -> Path:
 
 
 def read_key_file(path: str | os.PathLike[str]) -> bytes:
-    """The 32-byte key in a key file; :class:`KeySourceError` naming the file if it is not one."""
+    """The 32-byte key in a key file; :class:`KeySourceError` naming the file if it is not one.
+
+    A key file that other users may read or write (``mode & 0o077``, e.g. 0644) is refused with the
+    ``chmod 600`` fix in the message: whoever can read it can decrypt every container under it.
+    """
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+            if mode & 0o077:
+                raise KeySourceError(ERR_KEY_FILE_MODE.format(file=path, mode=mode))
+            raw = f.read()
     except OSError as exc:
         raise KeySourceError(ERR_KEY_FILE_UNREADABLE.format(file=path, reason=exc.strerror or "I/O error")) from None
     bad = KeySourceError(ERR_KEY_FILE.format(file=path, label=KEY_FILE_LABEL))
@@ -505,6 +525,7 @@ def encrypt_file(in_path: str | os.PathLike[str], out_path: str | os.PathLike[st
     or changes size while being read.
     """
     in_path, out_path = Path(in_path), Path(out_path)
+    check_output(out_path, inputs=(("the input", in_path), ("the key file", key_source.key_file)))
     name = _format_hint(in_path) if inner_name is None else inner_name
     with open(in_path, "rb", buffering=0) as src:
         st = os.fstat(src.fileno())
@@ -634,8 +655,14 @@ def decrypt_to_memory(src: str | os.PathLike[str] | bytes | bytearray | memoryvi
 def decrypt_file(in_path: str | os.PathLike[str], out: str | os.PathLike[str], *, key_source: KeySource) -> None:
     """Decrypt and verify everything in memory, then write ``out`` atomically with mode 0600.
 
-    ``out="-"`` writes to standard output. On any error nothing is written.
+    ``out="-"`` writes to standard output. On any error nothing is written. ``out`` is refused
+    (:class:`ContainerOutputError`, before anything is decrypted) when it is the input or the key file, a
+    symbolic link, a device, a FIFO or anything but a regular file, an existing container or key file, or
+    when its directory does not exist.
     """
+    if str(out) != "-":
+        check_output(out, inputs=(("the input", in_path), ("the key file", key_source.key_file)),
+                     refuse_containers=True)
     data = decrypt_to_memory(in_path, key_source=key_source)
     try:
         if str(out) == "-":
@@ -655,8 +682,10 @@ def rekey_file(in_path: str | os.PathLike[str], out_path: str | os.PathLike[str]
     """Re-encrypt a container under a new key or passphrase (new salt, same chunk size and inner name).
 
     The plaintext exists only in memory (one buffer, zeroed afterwards); ``out_path`` appears atomically
-    and may equal ``in_path``.
+    and may equal ``in_path`` (never a key file, a link, a device or a FIFO).
     """
+    check_output(out_path, inputs=(("the old key file", old_key_source.key_file),
+                                   ("the new key file", new_key_source.key_file)))
     h, data = _decrypt(in_path, old_key_source)
     try:
         header, aead = _seal(new_key_source, chunk_size=h.chunk_size, plaintext_size=len(data),
@@ -698,6 +727,34 @@ def inspect(src: str | os.PathLike[str] | bytes | bytearray | memoryview) -> dic
         "file_size": total,
         "size_matches_header": total == h.file_size,
     }
+
+
+class ContainerOutputError(UnsafeOutputError):
+    """An output path that a container command must not write (an input, a key, a device, a link...)."""
+
+
+def check_output(out: str | os.PathLike[str], *, inputs, refuse_containers: bool = False) -> Path:
+    """:func:`common.fsutil.check_output_file` (no missing parent directory is created) plus: an existing key
+    file is never replaced, and with ``refuse_containers`` neither is an existing container (plaintext would
+    replace the only encrypted copy). Raises :class:`ContainerOutputError`."""
+    try:
+        path = check_output_file(out, inputs=inputs)
+    except UnsafeOutputError as exc:
+        raise ContainerOutputError(str(exc)) from None
+    if is_key_file(path):
+        raise ContainerOutputError(ERR_OUT_HOLDS.format(out=path, what="key file"))
+    if refuse_containers and is_container(path):
+        raise ContainerOutputError(ERR_OUT_HOLDS.format(out=path, what="container"))
+    return path
+
+
+def is_key_file(path: str | os.PathLike[str]) -> bool:
+    """True when the file starts with the key-file label line (no permission or format check)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(KEY_FILE_LABEL) + 1) == KEY_FILE_LABEL.encode("ascii") + b"\n"
+    except OSError:
+        return False
 
 
 def is_container(path: str | os.PathLike[str]) -> bool:

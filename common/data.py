@@ -40,6 +40,7 @@ ERR_FIELD_COUNT = "{file}, row {row}: {got} fields, the header has {expected}"
 ERR_UNREADABLE = "{file}: cannot be read ({reason})"
 ERR_PLAINTEXT_REFUSED = "{file}: node config require-encryption=true but the file is not a fedpriv container; encrypt it with `fedpriv dataset encrypt`"
 ERR_ONE_CLASS = "{file}: labels must have at least two classes; found {labels}"
+ERR_COLUMN_TYPE = "{file}: column {col!r} (--{flag}) has type {type}; expected {expected}"
 
 
 class DataError(ValueError):
@@ -118,9 +119,45 @@ def _decode_utf8(raw: bytes | bytearray, file: str, *, header: bool) -> str:
 
 
 class _Rows(list):
-    """Parsed rows plus their 1-based data-row numbers in the file (blank lines keep their number)."""
+    """Parsed rows plus their 1-based data-row numbers in the file (blank lines keep their number) and, for
+    typed formats (Parquet), each column's kind (``text``, ``number``, ``bool``, ``nested``, ``other``) and
+    type name."""
 
     numbers: list[int]
+    types: dict[str, tuple[str, str]]
+
+
+def _arrow_kind(typ) -> str:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(typ):
+        typ = typ.value_type
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ) or getattr(pa.types, "is_string_view",
+                                                                          lambda _t: False)(typ):
+        return "text"
+    if pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_decimal(typ):
+        return "number"
+    if pa.types.is_boolean(typ):
+        return "bool"
+    if pa.types.is_nested(typ):
+        return "nested"
+    return "other"
+
+
+def check_column_types(rows, *, schema: Schema, file: str) -> None:
+    """Typed files (Parquet): the text column must hold strings; label and group columns strings, integers,
+    numbers or booleans. Nested (list, struct, map) and binary columns are refused naming the column."""
+    types = getattr(rows, "types", None) or {}
+    problems = []
+    for col, flag, allowed in ((schema.text_col, "text-col", ("text",)),
+                               (schema.label_col, "label-col", ("text", "number", "bool")),
+                               (schema.group_col, "group-col", ("text", "number", "bool"))):
+        if col and col in types and types[col][0] not in allowed:
+            expected = "strings" if allowed == ("text",) else "strings, integers or booleans (one value per row)"
+            problems.append(ERR_COLUMN_TYPE.format(file=file, col=col, flag=flag, type=types[col][1],
+                                                   expected=expected))
+    if problems:
+        raise DataError(problems)
 
 
 def _cell_to_str(value: Any) -> str | None:
@@ -204,8 +241,15 @@ def read_rows(raw: bytes, *, fmt: str, file: str) -> tuple[list[str], list[dict[
         except Exception as exc:  # pyarrow raises several types for corrupt input
             raise DataError([ERR_UNREADABLE.format(file=file, reason=exc)]) from None
         cols = table.column_names
-        data = table.to_pydict()
-        rows = [{c: _cell_to_str(data[c][i]) for c in cols} for i in range(table.num_rows)]
+        types = {c: (_arrow_kind(table.schema.field(c).type), str(table.schema.field(c).type)) for c in cols}
+        # Nested and binary cells are never turned into strings: those columns are refused by
+        # check_column_types if the schema uses them, and read as missing otherwise.
+        scalar = [c for c in cols if types[c][0] in ("text", "number", "bool")]
+        data = table.select(scalar).to_pydict()
+        rows = _Rows({c: _cell_to_str(data[c][i]) if c in data else None for c in cols}
+                     for i in range(table.num_rows))
+        rows.numbers = list(range(1, table.num_rows + 1))
+        rows.types = types
         return cols, rows
     raise DataError([ERR_FORMAT.format(file=file, suffix=fmt)])
 
@@ -244,6 +288,7 @@ def observed_labels(path: str | Path, *, schema: Schema, key_source=None) -> lis
     cols, rows = read_rows(raw, fmt=fmt, file=str(path))
     if schema.label_col not in cols:
         raise DataError([ERR_MISSING_COL.format(file=path, col=schema.label_col, flag="label-col", present=cols)])
+    check_column_types(rows, schema=schema, file=str(path))
     values = {r.get(schema.label_col) for r in rows} - {None, ""}
     return sort_labels(values)
 
@@ -264,6 +309,7 @@ def parse_rows(cols: list[str], rows: list[dict[str, str | None]], *, schema: Sc
             problems.append(ERR_MISSING_COL.format(file=file, col=col, flag=flag, present=cols))
     if problems:
         raise DataError(problems)
+    check_column_types(rows, schema=schema, file=file)
     if not rows:
         raise DataError([ERR_NO_ROWS.format(file=file)])
     labels = [str(x) for x in labels]  # the label list may be given as ints; cells are strings

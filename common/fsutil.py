@@ -8,8 +8,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -61,3 +62,63 @@ def atomic_write_text(path: str | Path, text: str, *, mode: int | None = None) -
 def atomic_write_json(path: str | Path, data: Any, *, mode: int | None = None) -> None:
     """Write ``data`` as one line of strict JSON (no NaN/Infinity) atomically and durably."""
     atomic_write_text(path, json.dumps(data, allow_nan=False) + "\n", mode=mode)
+
+
+# ------------------------------------------------------------------------------------------ output checks
+
+ERR_OUT_IS_INPUT = "{out}: is also {what} ({inp}); refusing to write over it"
+ERR_OUT_SYMLINK = "{out}: is a symbolic link; refusing to write through or over it (remove it or choose another path)"
+ERR_OUT_NOT_FILE = "{out}: exists and is {kind}, not a regular file; refusing to replace it"
+ERR_OUT_NO_PARENT = "{out}: directory {parent} does not exist; create it first"
+ERR_OUT_PARENT_NOT_DIR = "{out}: {parent} is not a directory"
+
+
+class UnsafeOutputError(ValueError):
+    """An output path would replace something the command did not create (an input, a device, a link...)."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_output_file(path: str | Path, *, inputs: Iterable[tuple[str, str | Path | None]] = (),
+                      create_parent: bool = False) -> Path:
+    """Refuse an output path that would replace anything but an ordinary file the command may overwrite.
+
+    Raises :class:`UnsafeOutputError` (one line naming the path) when ``path`` is a symbolic link, exists and
+    is not a regular file (a directory, a device such as ``/dev/null``, a FIFO, a socket), is the same file
+    (also through a hard link) as one of ``inputs`` (pairs of a description such as ``"the input"`` and a
+    path; ``None`` paths are skipped), or when its parent directory does not exist (unless
+    ``create_parent``). Returns ``path`` as a :class:`Path`.
+    """
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if stat.S_ISLNK(st.st_mode):
+            raise UnsafeOutputError(ERR_OUT_SYMLINK.format(out=path))
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeOutputError(ERR_OUT_NOT_FILE.format(out=path, kind=_kind(st.st_mode)))
+        for what, inp in inputs:
+            if inp is None or str(inp) == "-":
+                continue
+            try:
+                ist = os.stat(inp)
+            except OSError:
+                continue
+            if (ist.st_dev, ist.st_ino) == (st.st_dev, st.st_ino):
+                raise UnsafeOutputError(ERR_OUT_IS_INPUT.format(out=path, what=what, inp=inp))
+    parent = path.parent
+    if not parent.exists():
+        if not create_parent:
+            raise UnsafeOutputError(ERR_OUT_NO_PARENT.format(out=path, parent=parent))
+    elif not parent.is_dir():
+        raise UnsafeOutputError(ERR_OUT_PARENT_NOT_DIR.format(out=path, parent=parent))
+    return path

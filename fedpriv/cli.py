@@ -25,8 +25,16 @@ COMMAND_MODULES = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: ``fedpriv simulate: error: ... (see fedpriv simulate --help)``,
+    exit code 2 (argparse prints the whole usage block first, which buries the message)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fedpriv",
         description="Federated, differentially private fine-tuning of BERT text classifiers.",
     )

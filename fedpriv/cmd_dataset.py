@@ -22,6 +22,7 @@ from common.crypto import (
     write_key_file,
 )
 from common.crypto import inspect as inspect_container
+from common.fsutil import UnsafeOutputError
 
 PREFIX = "fedpriv dataset: "
 ERR_ALREADY_CONTAINER = "{file}: is already a fedpriv container; refusing to encrypt it again"
@@ -104,7 +105,7 @@ def _guarded(work) -> int:
 
     try:
         return work()
-    except (ContainerError, KeySourceError) as exc:
+    except (ContainerError, KeySourceError, UnsafeOutputError) as exc:
         return _fail(str(exc))
     except BrokenPipeError:
         return _fail(ERR_STDOUT_CLOSED)

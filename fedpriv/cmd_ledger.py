@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from common.ledger import load_public_key, verify_ledger
+from fedpriv.options import int_at_least
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 ERR_NO_FILE = "fedpriv ledger: {file}: no such file"
@@ -37,7 +38,7 @@ def register(sub) -> None:
                    help="the node's Ed25519 public key (PEM), as obtained from the institution")
     v.add_argument("--expected-head", metavar="HEX",
                    help="trusted hash of the last entry (e.g. from the server's copy): detects truncation")
-    v.add_argument("--expected-count", type=int, metavar="N", help="trusted number of entries")
+    v.add_argument("--expected-count", type=int_at_least(0), metavar="N", help="trusted number of entries")
     v.add_argument("--segment", action="store_true",
                    help="LEDGER holds a contiguous part of a ledger (e.g. one run's entries), not from entry 0")
     v.add_argument("--json", action="store_true", help="print the result as one JSON object")

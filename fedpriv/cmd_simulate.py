@@ -4,17 +4,40 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 from common.config import ConfigError, RunConfig, parse_kv_string
 from common.data import DataError
+from common.model import resolve_source
 from server.rows import RoundRow
 from server.rundir import RunDir
 from simulations.crossval import fold_configs, summarize, write_summary
-from simulations.runner import SimOptions, apply_env, prepare_nodes
+from simulations.runner import (
+    SimOptions,
+    apply_env,
+    check_fingerprint,
+    data_fingerprint,
+    node_key_dir,
+    plan_nodes,
+    prepare_nodes,
+    record_fingerprint,
+)
 from simulations.runner import run as run_sim
+from simulations.stop import MSG_INTERRUPTED, SimulationInterrupted, exit_now
+
+ERR_OPTION = "{option} must be {allowed}, got {value}"
+ERR_OUT_NOT_DIR = "--out {out} exists and is not a directory; give a directory for the run"
+ERR_FRESH_NOT_RUN = ("--out {out} is not a fedpriv run directory (it has no {marker} marker); --fresh deletes only "
+                     "run directories fedpriv created. Nothing was deleted: choose a new --out")
+ERR_FRESH_LINK = "--out {out} is a symbolic link; --fresh deletes only a real run directory. Nothing was deleted"
+ERR_FRESH_CWD = ("--out {out} contains the current directory; --fresh will not delete it. Nothing was deleted: "
+                 "run from elsewhere or choose another --out")
+ERR_OUT_FOREIGN = ("--out {out} is a non-empty directory that fedpriv did not create (no {marker} marker); "
+                   "refusing to write a run into it: choose a new or empty directory")
+ERR_NOTHING_TRAINED = "no round trained (all {failed} rounds run failed); the model is unchanged. Reasons:"
 
 
 def register(sub) -> None:
@@ -32,7 +55,9 @@ def register(sub) -> None:
     f.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration for --partition dirichlet")
     f.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
     f.add_argument("--out", help="run directory (default runs/sim-<time>); an existing one is resumed")
-    f.add_argument("--fresh", action="store_true", help="delete an existing --out first instead of resuming")
+    f.add_argument("--fresh", action="store_true",
+                   help="delete an existing --out first instead of resuming: only a run directory fedpriv created "
+                   "(its .fedpriv-run marker), after every other check passed (docs/safety.md)")
     f.add_argument("--folds", type=int, default=0, metavar="K",
                    help="K-fold cross-validation: K federations, fold k of every node's data held out in "
                    "OUT/fold-k; mean and spread in OUT/cv.json (with DP the folds share each node's budget)")
@@ -101,6 +126,52 @@ def add_privacy_arguments(p) -> None:
     pr.add_argument("--allow-fixed-noise-seed", action="store_true",
                     help="the simulated institutions honour --run-config noise-seed=N (reproducible runs that "
                     "carry no privacy guarantee; fedpriv audit fails them)")
+
+
+def _bad(option: str, allowed: str, value) -> ConfigError:
+    return ConfigError(ERR_OPTION.format(option=option, allowed=allowed, value=value))
+
+
+def validate_options(args: argparse.Namespace) -> None:
+    """The data, federation and privacy flags (shared with ``fedpriv tune``), before any work: one
+    :class:`ConfigError` naming the flag, the accepted range and the value received."""
+    import math
+
+    def finite(x: float) -> bool:
+        return math.isfinite(x)
+
+    if args.nodes < 1:
+        raise _bad("--nodes", ">= 1", args.nodes)
+    if getattr(args, "alpha", None) is not None and not (finite(args.alpha) and args.alpha > 0):
+        raise _bad("--alpha", "> 0 and finite", args.alpha)
+    if not (finite(args.epsilon) and args.epsilon > 0):
+        raise _bad("--epsilon", "> 0 and finite", args.epsilon)
+    if not (finite(args.delta) and 0 < args.delta < 1):
+        raise _bad("--delta", "> 0 and < 1", args.delta)
+    if args.count_noise_epsilon is not None and not (finite(args.count_noise_epsilon)
+                                                     and args.count_noise_epsilon >= 0):
+        raise _bad("--count-noise-epsilon", ">= 0 and finite (0 = no counts, or exact ones with "
+                   "--share-exact-metrics)", args.count_noise_epsilon)
+    if args.synthetic_size < 1:
+        raise _bad("--synthetic-size", ">= 1", args.synthetic_size)
+    if not (finite(args.synthetic_skew) and 0 <= args.synthetic_skew < 1):
+        raise _bad("--synthetic-skew", ">= 0 and < 1", args.synthetic_skew)
+    folds = getattr(args, "folds", 0)
+    if folds is not None and (folds < 0 or folds == 1):
+        raise _bad("--folds", "0 (off) or >= 2", folds)
+    if args.data and not Path(args.data).is_file():
+        raise FileNotFoundError(f"--data {args.data}: no such file")
+    if getattr(args, "eval_data", None) and not Path(args.eval_data).is_file():
+        raise FileNotFoundError(f"--eval-data {args.eval_data}: no such file")
+
+
+def _flag_names(message: str) -> str:
+    """Add the flag to a run-config error about a key that has one (``config key 'num-server-rounds'``)."""
+    for attr, key in FLAG_KEYS.items():
+        if f"config key {key!r}" in message:
+            flag = "--" + attr.replace("_", "-").replace("learning-rate", "lr")
+            return message.replace(f"config key {key!r}", f"{flag} (config key {key!r})", 1)
+    return message
 
 
 def sim_options(args: argparse.Namespace):
@@ -183,37 +254,89 @@ def build_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     try:
+        validate_options(args)
         cfg = build_config(args)
-        return _simulate(cfg, args)
+        check_out_dir(Path(cfg.out), fresh=args.fresh)
+        try:
+            resolve_source(cfg.model)  # a missing model directory fails here, before any file is written
+        except FileNotFoundError as exc:
+            raise ConfigError(f"--model {cfg.model}: {exc}") from None
+        opts = sim_options(args)
+        plan = plan_nodes(cfg, opts)  # loads and splits the data: every data error before anything is written
+        fingerprint = data_fingerprint(plan.cfg, opts)
+        if not args.fresh:
+            check_fingerprint(Path(cfg.out), fingerprint)
     except (ConfigError, DataError, FileNotFoundError) as exc:
-        print(f"fedpriv simulate: {exc}", file=sys.stderr)
+        print(f"fedpriv simulate: {_flag_names(str(exc))}", file=sys.stderr)
         return 2
+    return _simulate(cfg, args, opts, plan, fingerprint)
 
 
-def _simulate(cfg, args: argparse.Namespace) -> int:
+def check_out_dir(out: Path, *, fresh: bool) -> None:
+    """``--out`` may be new, an empty directory, or a run directory fedpriv created; ``--fresh`` deletes only
+    the last kind, never a link, the current directory or one of its parents. Raises :class:`ConfigError`."""
+    from server.rundir import RUN_MARKER
+
+    if out.is_symlink() and fresh:
+        raise ConfigError(ERR_FRESH_LINK.format(out=out))
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(ERR_OUT_NOT_DIR.format(out=out))
+    marked = RunDir(out).is_marked()
+    if fresh:
+        if not marked:
+            raise ConfigError(ERR_FRESH_NOT_RUN.format(out=out, marker=RUN_MARKER))
+        cwd = Path.cwd().resolve()
+        if out.resolve() == cwd or out.resolve() in cwd.parents:
+            raise ConfigError(ERR_FRESH_CWD.format(out=out))
+    elif not marked and any(out.iterdir()):
+        raise ConfigError(ERR_OUT_FOREIGN.format(out=out, marker=RUN_MARKER))
+
+
+def _delete_run(out: Path) -> None:
+    """--fresh, after :func:`check_out_dir`: the run directory and its simulated node keys (outside it)."""
     import shutil
 
+    keys = node_key_dir(out)
+    if out.exists():
+        shutil.rmtree(out)
+    if keys.is_dir():
+        shutil.rmtree(keys)
+
+
+def _simulate(cfg, args: argparse.Namespace, opts, plan, fingerprint) -> int:
     from rich.console import Console
 
 
     apply_env()
     console = Console(stderr=True)
     out = Path(cfg.out)
-    if args.fresh and out.exists():
-        shutil.rmtree(out)
-    opts = sim_options(args)
+    if args.fresh:
+        _delete_run(out)
+    RunDir(out).mark()
+    record_fingerprint(out, fingerprint)
     setup_logging(verbose=args.verbose)
     with console.status("preparing node data..."):
-        cfg, nodes_dir = prepare_nodes(cfg, opts, out)
+        cfg, nodes_dir = prepare_nodes(cfg, opts, out, plan)
     console.print(f"[bold]fedpriv simulate[/]: {opts.nodes} nodes, {cfg.num_server_rounds} rounds, model "
                   f"{cfg.model} ({cfg.train_part}), DP {'on, ε=' + str(opts.epsilon) if cfg.dp else 'off'}, "
                   f"data {opts.data or 'synthetic demo'} -> {out}")
     start = time.perf_counter()
-    if args.folds:
-        return _cross_validate(cfg, args, opts, nodes_dir, console, start)
-    display = RoundDisplay(console, cfg, quiet=args.quiet)
-    run_sim(cfg, nodes_dir=nodes_dir, num_nodes=opts.nodes, progress=display)
+    try:
+        if args.folds:
+            return _cross_validate(cfg, args, opts, nodes_dir, console, start)
+        display = RoundDisplay(console, cfg, quiet=args.quiet)
+        committed = _committed_round(out)
+        run_sim(cfg, nodes_dir=nodes_dir, num_nodes=opts.nodes, progress=display)
+    except SimulationInterrupted as exc:  # Ray is down and no process of the run is left: exit at once
+        exit_now(128 + int(getattr(signal, exc.signal_name, signal.SIGINT)),
+                 f"fedpriv simulate: {MSG_INTERRUPTED.format(signal=exc.signal_name, out=out)}")
     display.finish()
+    failure = nothing_trained(out, after_round=committed)
+    if failure:
+        print(f"fedpriv simulate: {failure}", file=sys.stderr)
+        return 1
     stopped = _stop_reason(out)
     if stopped:
         console.print(f"[yellow]{stopped}[/]")
@@ -234,8 +357,13 @@ def _cross_validate(cfg, args: argparse.Namespace, opts, nodes_dir: Path, consol
         console.print(f"[bold]fold {k + 1}/{args.folds}[/] -> {fold_cfg.out}"
                       + (f" (nodes stay within ε {fold_cfg.epsilon:.3g} in total)" if fold_cfg.dp else ""))
         display = RoundDisplay(console, fold_cfg, quiet=args.quiet)
+        committed = _committed_round(Path(fold_cfg.out))
         run_sim(fold_cfg, nodes_dir=nodes_dir, num_nodes=opts.nodes, progress=display)
         display.finish()
+        failure = nothing_trained(Path(fold_cfg.out), after_round=committed)
+        if failure:
+            print(f"fedpriv simulate: fold {k}: {failure}", file=sys.stderr)
+            return 1
     summary = summarize(out, args.folds)
     path = write_summary(out, summary)
     table = Table(title=f"{args.folds}-fold cross-validation (last round of each fold)")
@@ -250,6 +378,39 @@ def _cross_validate(cfg, args: argparse.Namespace, opts, nodes_dir: Path, consol
     console.print(f"done in {time.perf_counter() - start:.0f}s. Outputs in [bold]{out}[/]: {path.name}, "
                   f"fold-0/ .. fold-{args.folds - 1}/ (each a run directory), nodes/")
     return 0
+
+
+def _committed_round(run_dir: Path) -> int:
+    """The last committed round of ``run_dir`` (0 for a new run)."""
+    import json
+
+    try:
+        return int(json.loads((run_dir / "checkpoint" / "state.json").read_text())["round"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def nothing_trained(run_dir: Path, *, after_round: int) -> str:
+    """Why no round after ``after_round`` trained ("" when one did, or when no round was left to run).
+
+    A round "trained" when its status is ok (enough nodes sent a usable update). The reasons are the rounds'
+    own (too few updates) and every distinct node refusal, rejection and error, one per line after the first.
+    """
+    rows = [r for r in RunDir(run_dir).read_metrics() if int(r.get("round", 0)) > after_round]
+    if not rows or any(r.get("status") == "ok" for r in rows):
+        return ""
+    reasons: list[str] = []
+    for r in rows:
+        for kind in ("refusals", "rejected", "errors"):
+            for item in r.get(kind) or []:
+                who = item.get("node") or f"node id {item.get('node_id')}"
+                text = f"{who}: {' '.join(str(item.get('reason', '')).split())[:300]}"
+                if text not in reasons:
+                    reasons.append(text)
+        if r.get("reason") and str(r["reason"]) not in reasons:
+            reasons.append(str(r["reason"]))
+    head = ERR_NOTHING_TRAINED.format(failed=len(rows))
+    return "\n".join([head, *(f"  {x}" for x in reasons[:12])])
 
 
 def _stop_reason(run_dir: Path) -> str:

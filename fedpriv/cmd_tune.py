@@ -22,6 +22,7 @@ from fedpriv.cmd_simulate import (
     build_config,
     setup_logging,
     sim_options,
+    validate_options,
 )
 from server.plots import plot_trials
 from simulations import tune
@@ -91,6 +92,7 @@ def _warn(text: str) -> None:
 def _tune(args: argparse.Namespace) -> int:
     if args.out is None:
         args.out = str(Path("runs") / time.strftime("tune-%Y%m%d-%H%M%S"))
+    validate_options(args)
     cfg = build_config(args)
     policy = tune.tuning_policy(cfg, data=args.data or "", data_is=args.data_is, private_ok=args.private_ok,
                                 trials=args.trials, metric=args.metric, epsilon=args.epsilon,

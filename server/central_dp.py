@@ -56,7 +56,9 @@ class CentralDp:
         acc = [np.zeros_like(r) for r in ref]
         for upd in updates:
             arrs = [upd[k].astype(np.float64) for k in keys]
-            compute_clip_model_update(param1=arrs, param2=ref, clipping_norm=self.cfg.central_clipping_norm)
+            # Flower's clip divides by the update's norm: an unchanged model (norm 0) needs no clipping
+            if any(np.any(x != r) for x, r in zip(arrs, ref, strict=True)):
+                compute_clip_model_update(param1=arrs, param2=ref, clipping_norm=self.cfg.central_clipping_norm)
             for a, x, r in zip(acc, arrs, ref, strict=True):
                 a += (x - r) / m
         std = self.cfg.central_noise_multiplier * self.cfg.central_clipping_norm / m

@@ -3,6 +3,8 @@
 Layout::
 
     RUN_DIR/
+      .fedpriv-run           marker: this directory was created by fedpriv (only such a directory may be
+                             deleted by ``fedpriv simulate --fresh``)
       config.json            resolved RunConfig (plus run id)
       metrics.jsonl          one JSON object per completed round
       checkpoint/state.json  the commit point: round, run id, arrays file, strategy/accountant state
@@ -30,12 +32,32 @@ import numpy as np
 from common.fsutil import atomic_write_bytes, atomic_write_text
 from server.rows import RoundRow
 
+RUN_MARKER = ".fedpriv-run"
+MARKER_TEXT = "This directory is a fedpriv run directory; `fedpriv simulate --fresh` may delete it.\n"
+
 
 class RunDir:
     """Reads and writes one run directory."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+
+    # ------------------------------------------------------------------------------------ marker
+    @property
+    def marker_path(self) -> Path:
+        return self.path / RUN_MARKER
+
+    def is_marked(self) -> bool:
+        """Whether fedpriv created this directory (the marker file is present)."""
+        return self.marker_path.is_file() and not self.marker_path.is_symlink()
+
+    def mark(self) -> bool:
+        """Create the directory if needed; mark it as fedpriv's if it is new or empty. Returns whether it is
+        marked: a directory that already held other files is never claimed (nor, later, deleted)."""
+        if not self.path.is_dir() or not any(self.path.iterdir()):
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.marker_path, MARKER_TEXT)
+        return self.is_marked()
 
     # ------------------------------------------------------------------------------------ paths
     @property
@@ -64,7 +86,7 @@ class RunDir:
 
     # ------------------------------------------------------------------------------------ config
     def write_config(self, mapping: dict[str, Any], *, run_id: str) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.mark()
         atomic_write_text(self.config_path, json.dumps({**mapping, "fedpriv-run": run_id}, indent=2, sort_keys=True))
 
     # ------------------------------------------------------------------------------------ metrics

@@ -17,7 +17,8 @@ def _check_nodes(n_items: int, num_nodes: int) -> None:
     if num_nodes < 1:
         raise ValueError(f"--nodes must be >= 1, got {num_nodes}")
     if n_items < num_nodes:
-        raise ValueError(f"cannot split {n_items} examples across {num_nodes} nodes; need at least one each")
+        raise ValueError(f"--nodes must be between 1 and the number of examples ({n_items}), got {num_nodes}: "
+                         f"cannot split {n_items} examples across {num_nodes} nodes; need at least one each")
 
 
 def iid(n_items: int, num_nodes: int, *, seed: int) -> list[np.ndarray]:

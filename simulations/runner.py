@@ -1,13 +1,17 @@
 """A whole federation on one machine, on Flower's simulation engine (Ray).
 
-``prepare_nodes`` turns one dataset (a file or the synthetic demo) into N node folders, each exactly what a
-real institution would have: its data partition (plaintext or a fedpriv container with its own key), a node
-config (``node.json``: data path, key file, budget, state directory). ``run`` then starts Flower's
-simulation runtime with the fedpriv ServerApp and ClientApp; virtual node *i* reads ``node-i/node.json``.
+``plan_nodes`` loads and checks one dataset (a file or the synthetic demo) and splits it, writing nothing;
+``prepare_nodes`` turns the plan into N node folders, each exactly what a real institution would have: its
+data partition (plaintext or a fedpriv container), a node config (``node.json``: data path, key file,
+budget, state directory). With encryption each node's key lives *outside* the run directory, in
+:func:`node_key_dir` (the run directory is shared with the coordinator in a real federation and must never
+hold dataset keys). ``run`` then starts Flower's simulation runtime with the fedpriv ServerApp and
+ClientApp; virtual node *i* reads ``node-i/node.json``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -15,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from client.app import build_client_app
 from common import crypto
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.data import (
     Schema,
     TextDataset,
@@ -27,8 +33,18 @@ from common.data import (
     to_records,
     write_dataset,
 )
-from server.app import build_server_app
+from common.fsutil import atomic_write_bytes, atomic_write_text
+from server.loop import run_federation
 from simulations.partition import partition
+from simulations.stop import (
+    SimulationInterrupted,
+    StoppableGrid,
+    StopSignal,
+    descendants,
+    keep_our_sigterm_handler,
+    kill_descendants,
+    stop_on_signals,
+)
 from simulations.synthetic import make_synthetic
 
 log = logging.getLogger("fedpriv.simulate")
@@ -44,6 +60,8 @@ QUIET_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # no "Loading weights" bars inside the round table
     "RAY_DEDUP_LOGS": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    # no C++ stack dump on SIGTERM/SIGINT from Ray's core worker: fedpriv stops with one line (simulations/stop.py)
+    "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1",
 }
 
 
@@ -80,16 +98,98 @@ def load_source(cfg: RunConfig, opts: SimOptions) -> TextDataset:
     return make_synthetic(opts.synthetic_size, seed=cfg.seed, label_skew=opts.synthetic_skew)
 
 
-def prepare_nodes(cfg: RunConfig, opts: SimOptions, run_dir: Path) -> tuple[RunConfig, Path]:
-    """Write node folders under ``run_dir/nodes``; return the config with labels/schema filled in."""
+SIM_KEY_DIR_ENV = "FEDPRIV_SIM_KEY_DIR"
+DEFAULT_SIM_KEY_DIR = Path("~/.fedpriv/sim-keys")
+FINGERPRINT_FILE = "data-fingerprint.json"
+ERR_DATA_CHANGED = ("{run_dir} was started on other data ({diff}); resuming would switch data mid-run. Resume "
+                    "with the same --data and split options, or use a new --out (or --fresh)")
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """What :func:`prepare_nodes` will write: the resolved config, the dataset and each node's row indices."""
+
+    cfg: RunConfig
+    dataset: TextDataset
+    parts: list[np.ndarray]
+
+
+def plan_nodes(cfg: RunConfig, opts: SimOptions) -> NodePlan:
+    """Load and check the data and split it across the nodes; writes nothing. A split that cannot be made
+    (more nodes than rows, a bad Dirichlet alpha, no group column) raises :class:`ConfigError` naming the flag."""
 
     ds = load_source(cfg, opts)
     if not opts.data:  # the synthetic data has its own column names
         cfg = cfg.replace(text_col="text", label_col="label", group_col=cfg.group_col or "group")
     cfg = cfg.replace(labels=",".join(ds.label_names))
+    try:
+        parts = partition(opts.partition, labels=ds.labels, groups=ds.groups, num_nodes=opts.nodes,
+                          seed=cfg.seed, alpha=opts.alpha)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return NodePlan(cfg=cfg, dataset=ds, parts=parts)
+
+
+def node_key_dir(run_dir: Path) -> Path:
+    """Where ``simulate --encrypt`` keeps the simulated nodes' dataset keys: outside the run directory, in
+    ``$FEDPRIV_SIM_KEY_DIR`` (default ``~/.fedpriv/sim-keys``), one folder per run directory (its name plus a
+    hash of its absolute path), mode 0700."""
+    base = Path(os.environ.get(SIM_KEY_DIR_ENV) or DEFAULT_SIM_KEY_DIR).expanduser()
+    absolute = str(Path(run_dir).resolve())
+    return base / f"{Path(absolute).name}-{hashlib.sha256(absolute.encode()).hexdigest()[:12]}"
+
+
+def data_fingerprint(cfg: RunConfig, opts: SimOptions) -> dict[str, Any]:
+    """What decides every node's data: the source file's SHA-256 (or the synthetic generator's settings) and
+    the split options. Recorded in ``RUN_DIR/data-fingerprint.json``; a resume must match it."""
+    fp: dict[str, Any] = {"nodes": opts.nodes, "partition": opts.partition, "seed": cfg.seed,
+                          "text-col": cfg.text_col, "label-col": cfg.label_col, "group-col": cfg.group_col,
+                          "clean": cfg.clean}
+    if opts.partition == "dirichlet":
+        fp["alpha"] = opts.alpha
+    if opts.data:
+        digest = hashlib.sha256()
+        with open(opts.data, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        fp["data-sha256"] = digest.hexdigest()
+    else:
+        fp["synthetic"] = {"size": opts.synthetic_size, "skew": opts.synthetic_skew}
+    return fp
+
+
+def check_fingerprint(run_dir: Path, fingerprint: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` when ``run_dir`` recorded a different data fingerprint."""
+    path = Path(run_dir) / FINGERPRINT_FILE
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise ConfigError(f"{path} is unreadable; cannot tell whether --data changed. Use a new --out") from None
+    diff = [k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
+    if diff:
+        shown = ", ".join(f"{k}: {_short(old.get(k))} -> {_short(fingerprint.get(k))}" for k in diff)
+        raise ConfigError(ERR_DATA_CHANGED.format(run_dir=run_dir, diff=shown))
+
+
+def record_fingerprint(run_dir: Path, fingerprint: dict[str, Any]) -> None:
+    atomic_write_text(Path(run_dir) / FINGERPRINT_FILE, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text[:16] + "..." if len(text) > 19 and isinstance(value, str) else text
+
+
+def prepare_nodes(cfg: RunConfig, opts: SimOptions, run_dir: Path,
+                  plan: NodePlan | None = None) -> tuple[RunConfig, Path]:
+    """Write node folders under ``run_dir/nodes`` (keys, with ``encrypt``, under :func:`node_key_dir`);
+    return the config with labels/schema filled in. ``plan`` is :func:`plan_nodes`' result (made if None)."""
+
+    plan = plan or plan_nodes(cfg, opts)
+    cfg, ds, parts = plan.cfg, plan.dataset, plan.parts
     schema = Schema(cfg.text_col, cfg.label_col, cfg.group_col if ds.groups is not None else "")
-    parts = partition(opts.partition, labels=ds.labels, groups=ds.groups, num_nodes=opts.nodes, seed=cfg.seed,
-                      alpha=opts.alpha)
     nodes_dir = run_dir / "nodes"
     nodes_dir.mkdir(parents=True, exist_ok=True)
     sizes = []
@@ -112,14 +212,16 @@ def prepare_nodes(cfg: RunConfig, opts: SimOptions, run_dir: Path) -> tuple[RunC
                          "require-dp": cfg.dp})
         part = ds.subset(idx)
         if opts.encrypt:
-            key_path = ndir / "dataset.key"
+            key_dir = node_key_dir(run_dir)
+            key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            key_path = key_dir / f"node-{i}.key"
             if not key_path.exists():
                 crypto.write_key_file(key_path, crypto.generate_key())
             # The partition is encrypted in memory: its plaintext never touches the node's disk.
             blob = crypto.encrypt_bytes(encode_records(to_records(part, schema=schema), fmt="jsonl"),
                                         key_source=crypto.KeySource.from_key_file(key_path), inner_name="data.jsonl")
             data_path = ndir / "data.jsonl.fpenc"
-            data_path.write_bytes(blob)
+            atomic_write_bytes(data_path, blob)
             node_cfg.update({"data-path": str(data_path.resolve()), "key-file": str(key_path.resolve()),
                              "require-encryption": True})
         else:
@@ -182,22 +284,45 @@ class _KnownDeprecation(logging.Filter):
 
 
 def run(cfg: RunConfig, *, nodes_dir: Path, num_nodes: int, progress=None) -> None:
-    """Run the federation in Flower's simulation engine and shut Ray down afterwards."""
+    """Run the federation in Flower's simulation engine and shut Ray down afterwards.
+
+    SIGINT and SIGTERM stop it within seconds (:mod:`simulations.stop`): the round in progress is dropped,
+    Ray is shut down, no process of the run is left, and :class:`SimulationInterrupted` is raised.
+    """
     apply_env()
     import ray
+    from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
+    stop = StopSignal()
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context) -> None:  # noqa: ARG001 - the config is already resolved
+        run_federation(StoppableGrid(grid, stop), cfg, progress=progress)
 
     sync_node_split(cfg, nodes_dir)
-    server_app = build_server_app(cfg, progress=progress)
     client_app = build_client_app(str(nodes_dir.resolve()))
     flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
     hide = _KnownDeprecation()
     flwr_logger.addFilter(hide)
     try:
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
-                       backend_name="ray", backend_config=backend_config(num_nodes))
+        with stop_on_signals(stop, out=str(cfg.out)), keep_our_sigterm_handler():
+            try:
+                run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
+                               backend_name="ray", backend_config=backend_config(num_nodes))
+            except Exception:
+                if stop.signal_name:
+                    raise SimulationInterrupted(stop.signal_name) from None
+                raise
+            if stop.signal_name:
+                raise SimulationInterrupted(stop.signal_name)
     finally:
         flwr_logger.removeFilter(hide)
+        flwr_logger.setLevel(level)
+        ours = descendants() if stop.signal_name else []
         if ray.is_initialized():
             ray.shutdown()
+        if stop.signal_name:
+            kill_descendants(also=ours)  # whatever Ray left behind: nothing of the run may outlive it

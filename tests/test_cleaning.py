@@ -103,7 +103,9 @@ def test_simulate_rejects_an_unknown_rule_before_any_work(capsys, tmp_path):
     args = _simulate_args("--clean", "lowercase", "--out", str(tmp_path / "run"))
     assert args.func(args) == 2
     err = capsys.readouterr().err
-    assert ERR_UNKNOWN_RULE.format(rules="'lowercase'", valid=", ".join(RULES)) in err
+    # the message names the flag, then the config key's own text
+    message = ERR_UNKNOWN_RULE.format(rules="'lowercase'", valid=", ".join(RULES))
+    assert err == "fedpriv simulate: --clean (" + message.replace("config key 'clean': ", "config key 'clean'): ") + "\n"
     assert not (tmp_path / "run").exists()
 
 

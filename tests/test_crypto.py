@@ -344,9 +344,24 @@ def test_key_file_refuses_overwrite_and_round_trips(tmp_path: Path) -> None:
 def test_read_key_file_rejects_anything_but_a_key_file(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "bad.key"
     path.write_bytes(content)
+    path.chmod(0o600)
     with pytest.raises(KeySourceError) as info:
         crypto.read_key_file(path)
     assert str(info.value) == crypto.ERR_KEY_FILE.format(file=path, label=crypto.KEY_FILE_LABEL)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o666, 0o640, 0o604, 0o620])
+def test_key_file_accessible_to_others_is_refused_with_the_fix(tmp_path: Path, mode: int) -> None:
+    path = crypto.write_key_file(tmp_path / "site.key", crypto.generate_key())
+    path.chmod(mode)
+    with pytest.raises(KeySourceError) as info:
+        KeySource.from_key_file(path)
+    assert str(info.value) == crypto.ERR_KEY_FILE_MODE.format(file=path, mode=mode)
+    assert f"chmod 600 {path}" in str(info.value)
+    path.chmod(0o600)
+    assert KeySource.from_key_file(path).key_file == path
+    path.chmod(0o400)  # read-only for the owner is fine
+    assert len(crypto.read_key_file(path)) == 32
 
 
 def test_missing_key_file_names_the_file(tmp_path: Path) -> None:

@@ -167,6 +167,7 @@ def test_key_source_errors(files, capsys, monkeypatch) -> None:
     monkeypatch.delenv("FP_UNSET", raising=False)
     bad_key = files["dir"] / "bad.key"
     bad_key.write_text("not a key\n")
+    bad_key.chmod(0o600)
     missing = files["dir"] / "missing.key"
     enc, plain, out = str(files["enc"]), str(files["plain"]), str(files["dir"] / "out")
     cases = [
@@ -257,3 +258,94 @@ def test_console_script_in_a_subprocess(tmp_path: Path) -> None:
     assert done.returncode == 1 and done.stdout == b""
     message = crypto.ERR_KDF_MISMATCH.format(file=tmp_path / "e", need="key file", got="passphrase")
     assert done.stderr.decode().splitlines() == [cmd_dataset.PREFIX + message]
+
+
+def _snapshot(path: Path) -> tuple[int, int, bytes | None]:
+    st = os.lstat(path)
+    return st.st_mode, st.st_ino, (path.read_bytes() if stat.S_ISREG(st.st_mode) else None)
+
+
+def test_decrypt_never_writes_over_an_input_a_key_a_device_a_fifo_or_a_link(files, capsys) -> None:
+    """Reproductions from issue 15: each of these replaced the target with plaintext."""
+    d, enc, key = files["dir"], files["enc"], files["key"]
+    other_key = d / "other.key"
+    assert main(["dataset", "keygen", str(other_key)]) == 0
+    other_enc = d / "other.fpenc"
+    assert main(["dataset", "encrypt", str(files["plain"]), str(other_enc), "--key-file", str(key)]) == 0
+    fifo = d / "fifo"
+    os.mkfifo(fifo)
+    link = d / "link.csv"
+    link.symlink_to(files["plain"])
+    hard = d / "hard.fpenc"
+    os.link(enc, hard)
+    directory = d / "adir"
+    directory.mkdir()
+    cases = [
+        (enc, crypto.ERR_OUT_IS_INPUT.format(out=enc, what="the input", inp=enc)),
+        (hard, crypto.ERR_OUT_IS_INPUT.format(out=hard, what="the input", inp=enc)),
+        (key, crypto.ERR_OUT_IS_INPUT.format(out=key, what="the key file", inp=key)),
+        (other_key, crypto.ERR_OUT_HOLDS.format(out=other_key, what="key file")),
+        (other_enc, crypto.ERR_OUT_HOLDS.format(out=other_enc, what="container")),
+        (fifo, crypto.ERR_OUT_NOT_FILE.format(out=fifo, kind="a FIFO (named pipe)")),
+        (link, crypto.ERR_OUT_SYMLINK.format(out=link)),
+        (directory, crypto.ERR_OUT_NOT_FILE.format(out=directory, kind="a directory")),
+        (Path("/dev/null"), crypto.ERR_OUT_NOT_FILE.format(out="/dev/null", kind="a character device")),
+    ]
+    for target, message in cases:
+        before = _snapshot(target)
+        capsys.readouterr()
+        assert main(["dataset", "decrypt", str(enc), str(target), "--key-file", str(key)]) == 1, target
+        one_error(capsys, message)
+        assert _snapshot(target) == before, target
+    missing_parent = d / "no" / "such" / "dir" / "out.csv"
+    capsys.readouterr()
+    assert main(["dataset", "decrypt", str(enc), str(missing_parent), "--key-file", str(key)]) == 1
+    one_error(capsys, crypto.ERR_OUT_NO_PARENT.format(out=missing_parent, parent=missing_parent.parent))
+    assert not (d / "no").exists()
+    assert sorted(p.name for p in d.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+
+
+def test_decrypt_replaces_an_ordinary_file_atomically(files, capsys) -> None:
+    out = files["dir"] / "old.csv"
+    out.write_text("an earlier plaintext copy\n")
+    assert main(["dataset", "decrypt", str(files["enc"]), str(out), "--key-file", str(files["key"])]) == 0
+    assert out.read_bytes() == files["plain"].read_bytes()
+
+
+def test_encrypt_and_rekey_refuse_the_same_targets(files, capsys) -> None:
+    d, enc, key, plain = files["dir"], files["enc"], files["key"], files["plain"]
+    before = {p: _snapshot(p) for p in (enc, key, plain)}
+    cases = [
+        (["encrypt", str(plain), str(plain), "--key-file", str(key)],
+         crypto.ERR_OUT_IS_INPUT.format(out=plain, what="the input", inp=plain)),
+        (["encrypt", str(plain), str(key), "--key-file", str(key)],
+         crypto.ERR_OUT_IS_INPUT.format(out=key, what="the key file", inp=key)),
+        (["encrypt", str(plain), "/dev/null", "--key-file", str(key)],
+         crypto.ERR_OUT_NOT_FILE.format(out="/dev/null", kind="a character device")),
+        (["rekey", str(enc), str(key), "--key-file", str(key), "--new-key-file", str(key)],
+         crypto.ERR_OUT_IS_INPUT.format(out=key, what="the old key file", inp=key)),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert main(["dataset", *argv]) == 1, argv
+        one_error(capsys, message)
+    assert {p: _snapshot(p) for p in (enc, key, plain)} == before
+    # re-keying a container in place stays allowed (documented): the output replaces the input atomically
+    new_key = d / "new.key"
+    assert main(["dataset", "keygen", str(new_key)]) == 0
+    assert main(["dataset", "rekey", str(enc), str(enc), "--key-file", str(key), "--new-key-file", str(new_key)]) == 0
+    capsys.readouterr()
+    assert main(["dataset", "decrypt", str(enc), "-", "--key-file", str(new_key)]) == 0
+
+
+def test_key_file_readable_by_others_is_refused_by_every_command(files, capsys) -> None:
+    key = files["key"]
+    key.chmod(0o644)
+    out = files["dir"] / "out.csv"
+    message = crypto.ERR_KEY_FILE_MODE.format(file=key, mode=0o644)
+    for argv in (["decrypt", str(files["enc"]), str(out), "--key-file", str(key)],
+                 ["encrypt", str(files["plain"]), str(files["dir"] / "x.fpenc"), "--key-file", str(key)]):
+        capsys.readouterr()
+        assert main(["dataset", *argv]) == 1
+        one_error(capsys, message)
+    assert not out.exists()

@@ -2,8 +2,8 @@
 
 Three registered SuperNodes hold encrypted datasets and train with DP; a fourth one, whose dataset key is
 wrong, fails cleanly while the run completes; an unregistered SuperNode is refused. The SuperLink is killed
-after round 1 and restarted, the run is started again on the same run directory, resumes, and the final
-ledgers show every round once. Every process is started here and stopped by PID.
+after round 1 and restarted, the run is started again on the same run directory and must resume (same run id,
+rounds 2-3 from the second `flwr run`), and the final ledgers show every round once. Every process is started here and stopped by PID.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-ROUNDS = 2
+ROUNDS = 3  # the SuperLink is killed after round 1: rounds 2 and 3 must come from the resumed run
 
 
 def free_port() -> int:
@@ -166,20 +166,27 @@ def test_tls_authenticated_federation_with_failures_and_resume(tmp_path: Path) -
         flwr_run()
         end = time.time() + 600
         while len(_rows(run_dir)) < 1 and time.time() < end:
-            time.sleep(0.5)
+            time.sleep(0.2)
         assert len(_rows(run_dir)) >= 1, procs.log("superlink")
         # ---- the coordinator's SuperLink dies after round 1; it is restarted and the run started again.
         procs.stop("superlink", signal.SIGKILL)
         done_before = len(_rows(run_dir))
+        run_id = json.loads((run_dir / "config.json").read_text())["fedpriv-run"]
+        # The second `flwr run` must have something to resume (issue 15: the test could pass without resuming).
+        assert done_before < ROUNDS, f"the first run finished {done_before} rounds before the kill"
+        assert not (run_dir / "report.md").exists()
         link = procs.start("superlink2", superlink_cmd)
         wait_port(port, link, tmp_path / "superlink2.log")
-        if done_before < ROUNDS:
-            flwr_run()
+        flwr_run()
         end = time.time() + 900
         while not (run_dir / "report.md").exists() and time.time() < end:
             time.sleep(1.0)
         rows = _rows(run_dir)
         assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1)), procs.log("superlink2")
+        # ... and it resumed rather than started over: same fedpriv run id in config.json and in every row (a
+        # fresh start draws a new id and rewrites metrics.jsonl), rounds after the kill came from the second run
+        assert json.loads((run_dir / "config.json").read_text())["fedpriv-run"] == run_id
+        assert {r["run"] for r in rows} == {run_id}
         assert all(r["status"] == "ok" for r in rows)
         # The node with the wrong dataset key fails cleanly; the others train every round.
         for r in rows:
@@ -194,6 +201,7 @@ def test_tls_authenticated_federation_with_failures_and_resume(tmp_path: Path) -
             own = verify_ledger(node_ledger, key)
             assert own.ok, own.problems
             assert [e["round"] for e in own.entries if e["kind"] == "dp-sgd"] == list(range(1, ROUNDS + 1))
+            assert {e["run"] for e in own.entries} == {run_id}  # one run, resumed: every round once
             server_copy = verify_ledger(run_dir / "ledgers" / f"{n}.jsonl", key)
             assert [e["hash"] for e in server_copy.entries] == [e["hash"] for e in own.entries]
         from audit.run import audit_run

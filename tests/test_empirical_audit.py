@@ -339,10 +339,10 @@ def test_cli_without_noise_or_claim_is_inconclusive(tmp_path, _one_torch_thread)
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--canaries", "10", "--guesses-in", "8", "--guesses-out", "8"], "between 1 and the number of canaries"),
-    (["--claimed-epsilon", "-1"], "claimed epsilon must be > 0; got -1.0"),
-    (["--noise-multiplier", "-0.5"], "noise multiplier must be >= 0; got -0.5"),
-    (["--canaries", "0"], "canaries must be > 0; got 0"),
-    (["--delta", "1"], "delta must be in (0, 1); got 1.0"),
+    (["--claimed-epsilon", "-1"], "claimed epsilon (--claimed-epsilon) must be > 0; got -1.0"),
+    (["--noise-multiplier", "-0.5"], "noise multiplier (--noise-multiplier) must be >= 0; got -0.5"),
+    (["--canaries", "0"], "canaries (--canaries) must be > 0; got 0"),
+    (["--delta", "1"], "delta (--delta) must be in (0, 1); got 1.0"),
     (["--data", "x.csv"], "--data applies to the text scores"),
     (["--canaries", "20", "--examples", "0"], "expected batch of at least 20 records"),
 ])

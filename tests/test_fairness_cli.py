@@ -59,3 +59,32 @@ def test_fairness_cli_names_a_missing_group_column(tmp_path: Path, saved_model: 
     assert rc == 2
     err = capsys.readouterr().err
     assert "missing column 'hospital'" in err and "held.csv" in err
+
+
+def test_fairness_never_overwrites_its_input_or_the_model(tmp_path: Path, saved_model: Path, capsys) -> None:
+    """Issue 15: `--data same.csv --out same.csv` overwrote the input; `--predictions-out` likewise."""
+    from common.fsutil import ERR_OUT_IS_INPUT, ERR_OUT_NOT_FILE
+    from fedpriv.cmd_fairness import ERR_SAME_OUTPUTS
+
+    data = _data(tmp_path / "held.csv")
+    before = data.read_bytes()
+    base = ["fairness", "--model", str(saved_model), "--data", str(data), "--group-col", "site",
+            "--text-col", "review", "--label-col", "stars"]
+    config = saved_model / "config.json"
+    config_before = config.read_bytes()
+    other = tmp_path / "r.json"
+    cases = [
+        (["--out", str(data)], ERR_OUT_IS_INPUT.format(out=data, what="the --data file", inp=data)),
+        (["--out", str(other), "--predictions-out", str(data)],
+         ERR_OUT_IS_INPUT.format(out=data, what="the --data file", inp=data)),
+        (["--out", str(config)], ERR_OUT_IS_INPUT.format(out=config, what="a file of --model", inp=config)),
+        (["--out", str(other), "--predictions-out", str(other)], ERR_SAME_OUTPUTS.format(path=other)),
+        (["--out", "/dev/null"], ERR_OUT_NOT_FILE.format(out="/dev/null", kind="a character device")),
+    ]
+    for extra, message in cases:
+        capsys.readouterr()
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.splitlines() == [f"fedpriv fairness: {message}"], extra
+    assert data.read_bytes() == before and config.read_bytes() == config_before
+    assert not other.exists()

@@ -268,3 +268,13 @@ def test_two_processes_cannot_both_spend_the_same_room(node) -> None:
     with pytest.raises(LedgerError, match="changed since this release was planned"):
         b.commit(plan_b, run="r", server_round=2, noise_seed=None, steps_executed=plan_b.steps)
     assert len(node.ledger()) == 1
+
+
+def test_a_round_already_released_is_resent_or_refused_never_trained_twice(node) -> None:
+    _, first = node.train(rnd=1)
+    _, again = node.train(rnd=1)  # a replaying coordinator
+    assert again["replayed"] and again["ledger_entry"] == first["ledger_entry"]
+    node.train(rnd=2)  # the store keeps the newest round only
+    _, old = node.train(rnd=1)
+    assert old["status"] == "refused" and "round 1 of run run-a was already released" in old["reason"]
+    assert [e["round"] for e in node.ledger()] == [1, 2]
