@@ -5,7 +5,8 @@ Each accepted node update ``u_i = new_i - global`` is clipped to L2 norm C with 
 N(0, (σ C / m)^2) is added to every coordinate (m = nodes aggregated). Each release is accounted with
 Flower's RDP accountant (``flwr.serverapp.RdpAccountant``, no subsampling credit: the conservative setting
 Flower requires) and written to the server's own signed ledger ``RUN_DIR/ledgers/server.jsonl``. The
-accountant's state goes into the checkpoint so a resumed run continues the same ε.
+accountant's state goes into the checkpoint; a resumed run rebuilds it from the server's signed ledger, which
+also holds a release made just before a crash that the checkpoint missed.
 
 The noise comes from a NumPy ``Generator`` seeded from OS entropy (or from ``noise-seed`` in simulations).
 """
@@ -38,6 +39,14 @@ class CentralDp:
         seed = None if cfg.noise_seed < 0 else cfg.noise_seed + 7919
         self.rng = np.random.default_rng(seed)
 
+    def compose(self, *, noise_multiplier: float, sample_size: int) -> None:
+        """Account one Gaussian release of ``sample_size`` clipped updates (no subsampling credit)."""
+        from flwr.serverapp import GaussianPrivacyEvent
+
+        self.accountant.compose(GaussianPrivacyEvent(noise_multiplier=float(noise_multiplier),
+                                                     sample_size=int(sample_size),
+                                                     population_size=self.population_size))
+
     def state_dict(self) -> dict[str, Any]:
         return self.accountant.state_dict()
 
@@ -47,7 +56,6 @@ class CentralDp:
     def aggregate(self, updates: list[dict[str, np.ndarray]], global_arrays: dict[str, np.ndarray],
                   *, server_round: int) -> dict[str, np.ndarray]:
         """Clip, average with equal weights, add noise; compose one Gaussian release."""
-        from flwr.serverapp import GaussianPrivacyEvent
         from flwr.supercore.differential_privacy import compute_clip_model_update
 
         keys = list(global_arrays)
@@ -64,8 +72,7 @@ class CentralDp:
         std = self.cfg.central_noise_multiplier * self.cfg.central_clipping_norm / m
         out = {k: (r + a + self.rng.normal(0.0, std, size=r.shape)).astype(np.float32)
                for k, r, a in zip(keys, ref, acc, strict=True)}
-        self.accountant.compose(GaussianPrivacyEvent(noise_multiplier=self.cfg.central_noise_multiplier,
-                                                     sample_size=m, population_size=self.population_size))
+        self.compose(noise_multiplier=self.cfg.central_noise_multiplier, sample_size=m)
         self.last_release = {
             "schema": 1,
             "kind": "central-dp",

@@ -185,10 +185,18 @@ class CentralDpHolder:
     state: dict[str, Any] | None = None
     dp: CentralDp | None = None
 
-    def get(self, cfg: RunConfig, population: int) -> CentralDp:
+    def get(self, cfg: RunConfig, population: int, *, released: list[dict[str, Any]] = ()) -> CentralDp:
+        """The mechanism; on first use its accountant composes ``released``, this run's central-DP entries of
+        the server's signed ledger (the record of what was released, a round that crashed before its commit
+        included), rather than trusting the checkpoint's state."""
         if self.dp is None:
             pop = int((self.state or {}).get("population", population))
-            self.dp = CentralDp(cfg, population_size=pop, state=(self.state or {}).get("accountant"))
+            if released:
+                self.dp = CentralDp(cfg, population_size=int(released[0].get("population_size", pop)))
+                for e in released:
+                    self.dp.compose(noise_multiplier=e["noise_multiplier"], sample_size=e["sample_size"])
+            else:
+                self.dp = CentralDp(cfg, population_size=pop, state=(self.state or {}).get("accountant"))
         return self.dp
 
 
@@ -202,9 +210,11 @@ def aggregate_round(cfg: RunConfig, trained: TrainResult, arrays: dict[str, np.n
         log.error("run=%s round=%d failed: %s", run_id, rnd, reason)
         return arrays, {"status": "failed", "reason": reason}
     if cfg.central_dp:
-        dp = central.get(cfg, population)
+        ledger = server_ledger(rundir)
+        released = [e for e in ledger.entries() if e.get("kind") == "central-dp" and e.get("run") == run_id]
+        dp = central.get(cfg, population, released=released)
         new = dp.aggregate([u.arrays for u in sorted(updates, key=lambda u: u.node)], arrays, server_round=rnd)
-        server_ledger(rundir).append({**dp.last_release, "run": run_id})
+        ledger.append({**dp.last_release, "run": run_id})
         return new, {"central_epsilon": dp.epsilon(), "status": "ok"}
     new = aggregate(cfg.aggregation, updates, trim_beta=cfg.trim_beta, krum_byzantine=cfg.krum_byzantine)
     return new, {"status": "ok"}
