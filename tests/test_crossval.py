@@ -122,14 +122,16 @@ def test_simulate_folds_end_to_end(tmp_path) -> None:
     out = tmp_path / "cv"
     proc = subprocess.run([sys.executable, "-m", "fedpriv", "simulate", "--model", "tiny", "--nodes", "2",
                            "--rounds", "1", "--folds", "2", "--synthetic-size", "200", "--quiet", "--out", str(out),
-                           "--epsilon", "4", "--run-config", "noise-seed=0 accountant=\"rdp\""],
+                           "--epsilon", "4", "--run-config", "accountant=\"rdp\""],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     s = json.loads((out / "cv.json").read_text())
     assert s["completed_folds"] == 2 and set(s["metrics"]["accuracy"]) >= {"mean", "std"}
     for node in ("node-0", "node-1"):
         ledger = [json.loads(x) for x in (out / "nodes" / node / "state" / "ledger.jsonl").read_text().splitlines()]
-        assert len(ledger) == 2  # one release per fold, both in the node's one ledger
-        assert ledger[-1]["epsilon"] <= 4.0 + 1e-9 and ledger[0]["epsilon"] <= 2.0 + 1e-9
+        # one training release and one noised-count release per fold, all in the node's one ledger
+        assert [(e["kind"], e["run"] == ledger[0]["run"]) for e in ledger] == [
+            ("dp-sgd", True), ("count-noise", True), ("dp-sgd", False), ("count-noise", False)]
+        assert ledger[-1]["epsilon"] <= 4.0 + 1e-9 and ledger[1]["epsilon"] <= 2.0 + 1e-9
         assert s["epsilon_total"][node] == pytest.approx(ledger[-1]["epsilon"])
     assert "2-fold cross-validation" in proc.stderr

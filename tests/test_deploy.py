@@ -124,7 +124,7 @@ def test_tls_authenticated_federation_with_failures_and_resume(tmp_path: Path) -
             key_used = d / "other.key"
             crypto.write_key_file(key_used, crypto.generate_key())
         node_cfg[name] = (f'node-name="{name}" data-path="{d / "data.fpenc"}" key-file="{key_used}" '
-                          f'require-encryption=true epsilon=8.0 delta=1e-5 state-dir="{d / "state"}"')
+                          f'require-encryption=true epsilon=8.0 delta=1e-5 accountant="rdp" state-dir="{d / "state"}"')
     port = free_port()
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "fedtest"\n\n[superlink.fedtest]\n'
@@ -136,7 +136,7 @@ def test_tls_authenticated_federation_with_failures_and_resume(tmp_path: Path) -
                      "--port", str(port), "--disable-runtime-dependency-installation"]
     run_dir = tmp_path / "run"
     run_config = (f'num-server-rounds={ROUNDS} model="tiny" labels="negative,positive" group-col="group" '
-                  f'out="{run_dir}" min-nodes=2 noise-seed=0 train-part="head" local-epochs=1 '
+                  f'out="{run_dir}" min-nodes=2 train-part="head" local-epochs=1 '
                   f'round-timeout=600.0 accountant="rdp"')
     try:
         link = procs.start("superlink", superlink_cmd)
