@@ -35,8 +35,14 @@ def run(args: argparse.Namespace) -> int:
     for node, info in sorted(rep.nodes.items()):
         r = info.get("recomputed_final") or {}
         claimed = info.get("claimed_final")
-        print(f"{node}: {info.get('entries')} entries, claimed ε {claimed if claimed is None else round(claimed, 4)}, "
-              + ", ".join(f"{k} {v:.4f}" for k, v in r.items()))
+        covered = info.get("accounted_entries")
+        scope = (f" (entries {covered[0]}-{covered[1]}, runs {', '.join(info.get('accounted_runs') or [])})"
+                 if covered else "")
+        print(f"{node}: {info.get('entries')} entries{scope}, claimed ε "
+              f"{claimed if claimed is None else round(claimed, 4)}, "
+              + ", ".join(f"{k} {v:.4f}" for k, v in r.items())
+              + (f"; budget {info['budget']:g} held to {info['held_to_budget']}" if info.get("budget") is not None
+                 and info.get("held_to_budget") else ""))
     for f in rep.failures:
         print(f"FAILED {f}", file=sys.stderr)
     print(f"audit {'PASSED' if rep.passed else 'FAILED'}: {len(rep.findings) - len(rep.failures)} checks passed, "
