@@ -98,10 +98,12 @@ def _sampling_seed(cfg: RunConfig, node: NodeConfig, *, run: str, name: str, ser
     allows a fixed seed (simulations, tests): then it is derived from the seed, the run id, the node and the
     round, reproducibly, and such a run makes no privacy claim against whoever knows the seed.
     """
+    if not private:  # no DP: reproducible from the run seed, as any other non-privacy randomness
+        return derived_seed(cfg.seed, name, server_round)
     fixed = _fixed_seed(cfg, node)
-    if private and fixed is None:
+    if fixed is None:
         return secrets.randbits(31)
-    return derived_seed(cfg.seed if fixed is None else fixed, run, name, server_round, "sampling")
+    return derived_seed(fixed, run, name, server_round, "sampling")
 
 
 def _error_reply(msg: Message, code: int, reason: str) -> Message:
@@ -229,6 +231,10 @@ def handle_evaluate(msg: Message, context: Context, *, sim_nodes_dir: str | None
         cfg, node, name, model, data = _open(msg, context, sim_nodes_dir)
     except Exception as exc:
         return _error_reply(msg, ERROR_CODE_DATA, f"dataset cannot be used: {exc}")
+    refusal = _refusal(cfg, node)
+    if refusal is not None:  # a node that refuses the run answers none of its queries
+        log.warning("run=%s round=%s node=%s evaluation refused: %s", run, server_round, name, refusal)
+        return _error_reply(msg, ERROR_CODE_REFUSED, f"evaluation refused: {refusal}")
     load_trainable(model, from_array_record(msg.content["arrays"]))
     start = time.perf_counter()
     res = predict(model, data.val, device=choose_device(node.device or cfg.device))

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.config import ConfigError
+from common.config import ConfigError, NodeConfig
 from common.data import DataError
 from fedpriv.cmd_simulate import (
     add_data_arguments,
@@ -31,6 +31,12 @@ from simulations.tune import TuneError
 
 ERR_OUT_EXISTS = "--out {out} already exists and is not empty; choose a new directory (a search is not resumed)"
 ERR_NO_BEST = "no trial completed ({failed} failed); see trials.jsonl for the reasons"
+
+
+def _count_noise_epsilon(opts, cfg) -> float:
+    """ε of the simulated nodes' noised evaluation counts (0: exact or withheld): theirs, or less on request."""
+    node = opts.count_noise_epsilon if opts.count_noise_epsilon is not None else NodeConfig().count_noise_epsilon
+    return min(node, cfg.count_noise_epsilon) if node > 0 and cfg.count_noise_epsilon > 0 else node
 
 
 def register(sub) -> None:
@@ -116,7 +122,7 @@ def _tune(args: argparse.Namespace) -> int:
         cfg, nodes_dir = prepare_nodes(cfg, opts, out)
     for text in policy.warnings(trials=args.trials, rounds=cfg.num_server_rounds, delta=opts.delta,
                                 state=nodes_dir / "node-*" / "state",
-                                count_noise_epsilon=max(opts.count_noise_epsilon, cfg.count_noise_epsilon)):
+                                count_noise_epsilon=_count_noise_epsilon(opts, cfg)):
         _warn(text)
     searched = [d.key for d in space.dims if d.low is not None or d.choices]
     console.print(f"[bold]fedpriv tune[/]: {args.trials} trials x {cfg.num_server_rounds} rounds on {opts.nodes} "

@@ -204,6 +204,11 @@ def test_tls_authenticated_federation_with_failures_and_resume(tmp_path: Path) -
             assert {e["run"] for e in own.entries} == {run_id}  # one run, resumed: every round once
             server_copy = verify_ledger(run_dir / "ledgers" / f"{n}.jsonl", key)
             assert [e["hash"] for e in server_copy.entries] == [e["hash"] for e in own.entries]
+        # Each SuperNode's output tells its institution what the node did, one INFO line per round (issue 17)
+        for n in ("n0", "n1", "n2"):
+            text = (tmp_path / f"{n}.log").read_text(errors="replace")
+            for r in range(1, ROUNDS + 1):
+                assert (f"round={r} node={n} trained" in text or f"round={r} node={n} re-sent" in text), text[-3000:]
         from audit.run import audit_run
 
         rep = audit_run(run_dir, node_ledgers=None)

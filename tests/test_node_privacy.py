@@ -278,3 +278,10 @@ def test_a_round_already_released_is_resent_or_refused_never_trained_twice(node)
     _, old = node.train(rnd=1)
     assert old["status"] == "refused" and "round 1 of run run-a was already released" in old["reason"]
     assert [e["round"] for e in node.ledger()] == [1, 2]
+
+
+def test_a_refused_run_gets_no_evaluation_either(node) -> None:
+    """A node that refuses the run config answers none of its queries: no counts, no ε spent on them."""
+    _, info = node.evaluate(noise_seed=5)
+    assert info["error"] == "evaluation refused: " + REFUSE_FIXED_SEED.format(seed=5)
+    assert not (node.state / "ledger.jsonl").exists()
