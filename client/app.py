@@ -21,11 +21,11 @@ from flwr.clientapp import ClientApp
 
 from client.budget import NodePrivacy, count_dict_to_json
 from client.count_noise import noisy_group_confusions
+from client.features import cached_features, predict_node
 from client.node import load_node_config, load_node_data, node_name
 from client.train import DpSettings, TrainSettings, grad_sample_mode_for, train_local
 from common.config import RunConfig
 from common.fairness import group_confusions
-from common.inference import predict
 from common.model import (
     ModelSpec,
     build_model,
@@ -46,14 +46,16 @@ ERROR_CODE_REFUSED = 4003  # a release would exceed the node's privacy budget
 
 def _run_config(msg: Message) -> RunConfig:
     cfg = msg.content["config"]
+    # resolved(): ``auto`` and recipe values (0) become concrete before anything trains or is accounted for
     return RunConfig.from_mapping({k: v for k, v in cfg.items() if not k.startswith("fedpriv-") and k != "server-round"},
-                                  ignore_unknown=True)
+                                  ignore_unknown=True).resolved()
 
 
 def _build_model(cfg: RunConfig, node):
     source = node.model_dir or cfg.model
     spec = ModelSpec(source=source, labels=tuple(cfg.label_names), train_part=cfg.train_part,
-                     top_k_layers=cfg.top_k_layers, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
+                     top_k_layers=cfg.top_k_layers, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                     pooling=cfg.pooling)
     return build_model(spec), source
 
 
@@ -135,7 +137,9 @@ def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -
         dp = DpSettings(noise_multiplier=plan.noise_multiplier, clipping_norm=cfg.clipping_norm,
                         grad_sample_mode=grad_sample_mode_for(cfg.train_part, cfg.top_k_layers), noise_seed=noise_seed)
     try:
-        result = train_local(model, data.train, settings=settings, device=device, dp=dp)
+        # frozen encoder (classifier alone trains): train on features computed once per run, in memory
+        features = cached_features(model, data.train, source=source, device=device)
+        result = train_local(model, data.train, settings=settings, device=device, dp=dp, features=features)
     except Exception as exc:
         log.exception("run=%s round=%s node=%s training failed", run, server_round, name)
         return _error_reply(msg, ERROR_CODE_TRAIN, f"training failed: {type(exc).__name__}: {exc}")
@@ -182,7 +186,7 @@ def handle_evaluate(msg: Message, context: Context, *, sim_nodes_dir: str | None
         return _error_reply(msg, ERROR_CODE_DATA, f"dataset cannot be used: {exc}")
     load_trainable(model, from_array_record(msg.content["arrays"]))
     start = time.perf_counter()
-    res = predict(model, data.val, device=choose_device(node.device or cfg.device))
+    res = predict_node(model, data.val, source=source, device=choose_device(node.device or cfg.device))
     groups = data.val.groups if data.val.groups is not None else ["all"] * len(data.val)
     cms = group_confusions(res.y_true, res.y_pred, groups, num_classes=len(cfg.label_names))
     info: dict[str, Any] = {"node": name, "count_noise_epsilon": 0.0}

@@ -1,0 +1,126 @@
+"""Frozen-encoder feature cache: when only the classifier trains, a node runs its encoder once per run.
+
+With train part ``classifier`` (and ``head`` under mean pooling without encoder layers) every trainable
+tensor lives in the output layer, so the frozen encoder maps each example to the same feature vector (the
+classifier's input: pooled [CLS] output or token mean) in every round. The node computes these features
+once, keeps them in this process's memory (never on disk), and trains and evaluates the classifier on them:
+a round after the first costs a few small matrix products instead of an encoder pass per epoch.
+
+DP semantics do not change: the same Poisson sampling over the same examples, per-example clipping of the
+classifier's gradients (which are the only gradients either way), the same noise and the same accounting.
+``tests/test_features.py`` checks that cached and uncached training give the same update under a fixed
+noise seed. The encoder runs in eval mode on both paths (a frozen feature map has no dropout).
+
+The cache is keyed by the model source, its pooling and a SHA-256 of the node's token ids and labels, so a
+different dataset, split, cleaning or ``max-length`` is a different entry; it holds a few entries (one
+process may serve several virtual nodes in a simulation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from common.data import Encoded
+from common.inference import EvalResult, predict, tensors
+from common.model import trainable_names
+
+MAX_ENTRIES = 16  # a few MB each (n x hidden float32): enough for every virtual node of a simulation
+_CACHE: OrderedDict[tuple, Any] = OrderedDict()
+
+
+def frozen_encoder(model) -> bool:
+    """True when every trainable tensor is the classifier's (train part ``classifier``; ``head`` with mean
+    pooling and no encoder layers) and the model can return its features."""
+    names = trainable_names(model)
+    return bool(names) and hasattr(model, "features") and all(n.startswith("classifier.") for n in names)
+
+
+def encode_features(model, enc: Encoded, *, device, batch_size: int = 64, pad_id: int = 0):
+    """The classifier's input for every example of ``enc``: a float32 CPU tensor [n, hidden], in order.
+
+    Runs the model's encoder in eval mode without gradients, batch by batch (padding per batch; masked
+    positions do not change the result).
+    """
+    import torch
+
+    was_training = model.training
+    model.to(device)
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for lo in range(0, len(enc), batch_size):
+            part = Encoded(input_ids=enc.input_ids[lo: lo + batch_size], labels=enc.labels[lo: lo + batch_size])
+            ids, mask, _ = tensors(part, pad_id)
+            b, t = ids.shape
+            f = model.features(
+                input_ids=ids.to(device), attention_mask=mask.to(device),
+                token_type_ids=torch.zeros((b, t), dtype=torch.long, device=device),
+                position_ids=torch.arange(t, dtype=torch.long, device=device).unsqueeze(0).expand(b, t).contiguous(),
+            )
+            out.append(f.float().cpu())
+    model.train(was_training)
+    hidden = model.config.hidden_size
+    return torch.cat(out) if out else torch.zeros((0, hidden))
+
+
+def _digest(enc: Encoded) -> str:
+    h = hashlib.sha256()
+    for ids in enc.input_ids:
+        h.update(np.asarray(ids, dtype=np.int64).tobytes())
+        h.update(b"|")
+    h.update(np.asarray(enc.labels, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def cached_features(model, enc: Encoded, *, source: str, device, pad_id: int = 0):
+    """Features of ``enc`` under ``model``'s frozen encoder, computed on the first call and then reused;
+    ``None`` when the encoder trains (the caller then trains or predicts on tokens)."""
+    if not frozen_encoder(model):
+        return None
+    key = (source, str(getattr(model.config, "fedpriv_pooling", "cls")), _digest(enc))
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    feats = encode_features(model, enc, device=device, pad_id=pad_id)
+    _CACHE[key] = feats
+    while len(_CACHE) > MAX_ENTRIES:
+        _CACHE.popitem(last=False)
+    return feats
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+def predict_features(model, features, labels, *, device, batch_size: int = 1024) -> EvalResult:
+    """:func:`common.inference.predict` on cached features: the classifier alone, same outputs."""
+    import torch
+
+    model.eval()
+    head = model.classifier.to(device)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
+    preds, probs, loss_sum = [], [], 0.0
+    with torch.no_grad():
+        for lo in range(0, len(y), batch_size):
+            logits = head(features[lo: lo + batch_size].to(device)).float().cpu()
+            loss_sum += float(loss_fn(logits, y[lo: lo + batch_size]))
+            p = torch.softmax(logits, dim=-1)
+            probs.append(p.numpy())
+            preds.append(p.argmax(-1).numpy())
+    c = model.config.num_labels
+    return EvalResult(loss_sum=loss_sum, num_examples=len(y), y_true=np.asarray(labels, dtype=np.int64),
+                      y_pred=np.concatenate(preds).astype(np.int64) if preds else np.zeros(0, dtype=np.int64),
+                      scores=np.concatenate(probs) if probs else np.zeros((0, c)))
+
+
+def predict_node(model, enc: Encoded, *, source: str, device) -> EvalResult:
+    """Predict ``enc`` from cached features when the encoder is frozen, else with a full forward pass."""
+    feats = cached_features(model, enc, source=source, device=device)
+    if feats is None:
+        return predict(model, enc, device=device)
+    return predict_features(model, feats, enc.labels, device=device)
