@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 
 from client.budget import NodePrivacy, count_dict_to_json
 from client.count_noise import noisy_group_confusions
-from client.features import cached_features, predict_node
+from client.features import cached_features, node_store, predict_node
 from client.node import load_node_config, load_node_data, node_name
 from client.train import DpSettings, TrainSettings, grad_sample_mode_for, train_local
 from common.config import RunConfig
@@ -137,8 +137,8 @@ def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -
         dp = DpSettings(noise_multiplier=plan.noise_multiplier, clipping_norm=cfg.clipping_norm,
                         grad_sample_mode=grad_sample_mode_for(cfg.train_part, cfg.top_k_layers), noise_seed=noise_seed)
     try:
-        # frozen encoder (classifier alone trains): train on features computed once per run, in memory
-        features = cached_features(model, data.train, source=source, device=device)
+        # frozen encoder (classifier alone trains): train on features computed once (memory + state dir)
+        features = cached_features(model, data.train, source=source, device=device, **node_store(node, name))
         result = train_local(model, data.train, settings=settings, device=device, dp=dp, features=features)
     except Exception as exc:
         log.exception("run=%s round=%s node=%s training failed", run, server_round, name)
@@ -186,7 +186,8 @@ def handle_evaluate(msg: Message, context: Context, *, sim_nodes_dir: str | None
         return _error_reply(msg, ERROR_CODE_DATA, f"dataset cannot be used: {exc}")
     load_trainable(model, from_array_record(msg.content["arrays"]))
     start = time.perf_counter()
-    res = predict_node(model, data.val, source=source, device=choose_device(node.device or cfg.device))
+    res = predict_node(model, data.val, source=source, device=choose_device(node.device or cfg.device),
+                       **node_store(node, name))
     groups = data.val.groups if data.val.groups is not None else ["all"] * len(data.val)
     cms = group_confusions(res.y_true, res.y_pred, groups, num_classes=len(cfg.label_names))
     info: dict[str, Any] = {"node": name, "count_noise_epsilon": 0.0}

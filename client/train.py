@@ -13,6 +13,7 @@ mechanism parameters to account for.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from client.ghost import fast_linear_norms, ghost_backward
 from common.data import Encoded
 from common.inference import forward as _forward
 from common.inference import tensors as _tensors
+
+FEATURE_PHYSICAL_BATCH = 4096  # physical batch on cached features (rows of hidden floats, a few MB at most)
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,9 @@ def train_local(model, enc: Encoded, *, settings: TrainSettings, device, pad_id:
         labels = torch.as_tensor(enc.labels, dtype=torch.long)
         dataset = TensorDataset(features, labels)
         module = model.classifier  # the only trainable part; the features are its input
+        # [B, hidden] features need no memory cap: one physical batch per logical batch (same DP step)
+        settings = dataclasses.replace(settings, max_physical_batch_size=max(settings.max_physical_batch_size,
+                                                                           FEATURE_PHYSICAL_BATCH))
 
         def fwd(m, xs):
             return m(xs[0].to(device))

@@ -157,9 +157,10 @@ def build_model(spec: ModelSpec):
         # reproducible. Nodes always receive the head from the server, so this does not need to agree.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_INIT_SEED)
-            model = cls.from_pretrained(
-                str(path), num_labels=num_labels, id2label=id2label, label2id=label2id, fedpriv_pooling=pooling
-            )
+            config = BertConfig.from_pretrained(str(path), num_labels=num_labels, id2label=id2label,
+                                                label2id=label2id)
+            config.fedpriv_pooling = pooling
+            model = cls.from_pretrained(str(path), config=config)
     return select_trainable(model, spec)
 
 

@@ -103,3 +103,31 @@ def test_no_cache_when_the_encoder_trains(part, pooling, toy_encoded):
     feats = torch.zeros((len(toy_encoded), model.config.hidden_size))
     with pytest.raises(ValueError, match="cached features need a frozen encoder"):
         train_local(model, toy_encoded, settings=settings(), device=CPU, features=feats)
+
+
+@pytest.mark.parametrize("encrypted", [True, False])
+def test_features_persist_only_in_the_state_dir_sealed_like_the_dataset(toy_encoded, tmp_path, encrypted, monkeypatch):
+    from common import crypto
+
+    key = crypto.KeySource.from_key_file(crypto.write_key_file(tmp_path / "k.key", crypto.generate_key())) if encrypted else None
+    store = tmp_path / "state" / "features"
+    model = model_for("classifier", "mean")
+    first = F.cached_features(model, toy_encoded, source="tiny", device=CPU, store_dir=store, key_source=key)
+    files = list(store.iterdir())
+    assert len(files) == 1 and files[0].name.endswith(".npy.fpenc" if encrypted else ".npy")
+    if encrypted:
+        assert crypto.is_container(files[0])
+        assert first.numpy().tobytes()[:64] not in files[0].read_bytes()
+    # a fresh process (empty memory cache) reads the file instead of running the encoder
+    F.clear_cache()
+    monkeypatch.setattr(F, "encode_features", lambda *a, **k: pytest.fail("encoder ran again"))
+    again = F.cached_features(model, toy_encoded, source="tiny", device=CPU, store_dir=store, key_source=key)
+    assert torch.equal(again, first)
+    # a damaged file is ignored and recomputed, never trusted
+    files[0].write_bytes(files[0].read_bytes()[:-3] + b"xyz")
+    F.clear_cache()
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        redone = F.cached_features(model, toy_encoded, source="tiny", device=CPU, store_dir=store, key_source=key)
+    torch.testing.assert_close(redone, first, rtol=0, atol=1e-6)

@@ -110,3 +110,9 @@ def test_compress_keeps_the_pooling(tokenizer, tmp_path):
     loaded, _ = load_classifier(tmp_path / "q", device="cpu")
     assert loaded.config.fedpriv_pooling == "mean"
     assert np.allclose(logits(loaded, ids, mask).numpy(), expected.numpy(), atol=1e-5)
+
+
+def test_the_default_minilm_builds_mean_pooled():
+    model = build_model(ModelSpec("minilm", LABELS, train_part="classifier"))
+    assert model.config.fedpriv_pooling == "mean"
+    assert trainable_names(model) == ["classifier.weight", "classifier.bias"]
