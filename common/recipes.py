@@ -33,7 +33,7 @@ class Recipe:
 # (train part, dp) -> recipe. "head" with top-k-layers > 0 uses the key ("head+layers", dp).
 RECIPES: dict[tuple[str, bool], Recipe] = {
     # measured (docs/measured-dp-utility.md): the linear probe needs large steps and many epochs under noise
-    ("classifier", True): Recipe(batch_size=128, local_epochs=4, learning_rate=5e-2, clipping_norm=1.0),
+    ("classifier", True): Recipe(batch_size=128, local_epochs=8, learning_rate=5e-2, clipping_norm=1.0),
     ("classifier", False): Recipe(batch_size=64, local_epochs=4, learning_rate=5e-2, clipping_norm=1.0),
     ("head", True): Recipe(batch_size=128, local_epochs=4, learning_rate=2e-2, clipping_norm=1.0),
     ("head", False): Recipe(batch_size=64, local_epochs=2, learning_rate=2e-2, clipping_norm=1.0),
