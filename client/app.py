@@ -29,11 +29,11 @@ from flwr.clientapp import ClientApp
 
 from client.budget import NodePrivacy, count_dict_to_json, finite
 from client.count_noise import noisy_group_confusions
+from client.features import cached_features, node_store, predict_node
 from client.node import load_node_config, load_node_data, node_name
 from client.train import DpSettings, TrainSettings, grad_sample_mode_for, train_local
 from common.config import NodeConfig, RunConfig
 from common.fairness import group_confusions
-from common.inference import predict
 from common.logs import deployment_logging
 from common.model import (
     ModelSpec,
@@ -55,14 +55,16 @@ ERROR_CODE_REFUSED = 4003  # a release would exceed the node's privacy budget
 
 def _run_config(msg: Message) -> RunConfig:
     cfg = msg.content["config"]
+    # resolved(): ``auto`` and recipe values (0) become concrete before anything trains or is accounted for
     return RunConfig.from_mapping({k: v for k, v in cfg.items() if not k.startswith("fedpriv-") and k != "server-round"},
-                                  ignore_unknown=True)
+                                  ignore_unknown=True).resolved()
 
 
 def _build_model(cfg: RunConfig, node):
     source = node.model_dir or cfg.model
     spec = ModelSpec(source=source, labels=tuple(cfg.label_names), train_part=cfg.train_part,
-                     top_k_layers=cfg.top_k_layers, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
+                     top_k_layers=cfg.top_k_layers, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                     pooling=cfg.pooling)
     return build_model(spec), source
 
 
@@ -118,7 +120,7 @@ def _info_reply(msg: Message, info: dict[str, Any], metrics: dict[str, Any], arr
 
 
 def _open(msg: Message, context: Context, sim_nodes_dir: str | None):
-    """(cfg as the node applies it, node config, name, model, data) or raise with the reason."""
+    """(cfg as the node applies it, node config, name, model, model source, data) or raise with the reason."""
     cfg = _run_config(msg)
     node = load_node_config(dict(context.node_config), sim_nodes_dir)
     if sim_nodes_dir is None and not (node.node_name or node.state_dir):
@@ -127,7 +129,7 @@ def _open(msg: Message, context: Context, sim_nodes_dir: str | None):
     name = node_name(node, dict(context.node_config), context.node_id)
     model, source = _build_model(cfg, node)
     data = load_node_data(node, cfg, model_source=source)
-    return cfg, node, name, model, data
+    return cfg, node, name, model, source, data
 
 
 def _refusal(cfg: RunConfig, node: NodeConfig) -> str | None:
@@ -145,7 +147,7 @@ def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -
     run = str(config.get("fedpriv-run", msg.metadata.run_id))
     planned_rounds = int(config.get("fedpriv-planned-rounds", _run_config(msg).num_server_rounds))
     try:
-        cfg, node, name, model, data = _open(msg, context, sim_nodes_dir)
+        cfg, node, name, model, source, data = _open(msg, context, sim_nodes_dir)
     except Exception as exc:  # the reply must say why; the run continues without this node
         log.error("run=%s round=%s node_id=%s cannot open dataset: %s", run, server_round, context.node_id, exc)
         return _error_reply(msg, ERROR_CODE_DATA, f"dataset cannot be used: {exc}")
@@ -188,8 +190,10 @@ def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -
         dp = DpSettings(noise_multiplier=plan.noise_multiplier, clipping_norm=cfg.clipping_norm,
                         grad_sample_mode=grad_sample_mode_for(cfg.train_part, cfg.top_k_layers), noise_seed=noise_seed)
     try:
-        result = train_local(model, data.train, settings=settings, device=choose_device(node.device or cfg.device),
-                             dp=dp)
+        device = choose_device(node.device or cfg.device)
+        # frozen encoder (classifier alone trains): train on features computed once (memory + state dir)
+        features = cached_features(model, data.train, source=source, device=device, **node_store(node, name))
+        result = train_local(model, data.train, settings=settings, device=device, dp=dp, features=features)
     except Exception as exc:
         log.exception("run=%s round=%s node=%s training failed", run, server_round, name)
         return _error_reply(msg, ERROR_CODE_TRAIN, f"training failed: {type(exc).__name__}: {exc}")
@@ -228,7 +232,7 @@ def handle_evaluate(msg: Message, context: Context, *, sim_nodes_dir: str | None
     server_round = int(config["server-round"])
     run = str(config.get("fedpriv-run", msg.metadata.run_id))
     try:
-        cfg, node, name, model, data = _open(msg, context, sim_nodes_dir)
+        cfg, node, name, model, source, data = _open(msg, context, sim_nodes_dir)
     except Exception as exc:
         return _error_reply(msg, ERROR_CODE_DATA, f"dataset cannot be used: {exc}")
     refusal = _refusal(cfg, node)
@@ -237,7 +241,8 @@ def handle_evaluate(msg: Message, context: Context, *, sim_nodes_dir: str | None
         return _error_reply(msg, ERROR_CODE_REFUSED, f"evaluation refused: {refusal}")
     load_trainable(model, from_array_record(msg.content["arrays"]))
     start = time.perf_counter()
-    res = predict(model, data.val, device=choose_device(node.device or cfg.device))
+    res = predict_node(model, data.val, source=source, device=choose_device(node.device or cfg.device),
+                       **node_store(node, name))
     groups = data.val.groups if data.val.groups is not None else ["all"] * len(data.val)
     cms = group_confusions(res.y_true, res.y_pred, groups, num_classes=len(cfg.label_names))
     info: dict[str, Any] = {"node": name, "count_noise_epsilon": 0.0}

@@ -13,6 +13,7 @@ mechanism parameters to account for.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from common.inference import forward as _forward
 from common.inference import tensors as _tensors
 
 OPTIMIZERS = ("adamw", "sgd")
+FEATURE_PHYSICAL_BATCH = 4096  # physical batch on cached features (rows of hidden floats, a few MB at most)
 
 
 @dataclass(frozen=True)
@@ -72,12 +74,23 @@ def _schedule(optimizer, total_steps: int, warmup_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _frozen_encoder(model) -> bool:
+    """Only the classifier trains: the encoder is a fixed feature map (run in eval mode, no dropout)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return bool(names) and all(n.removeprefix("_module.").startswith("classifier.") for n in names)
+
+
 def train_local(model, enc: Encoded, *, settings: TrainSettings, device, pad_id: int = 0,
-                dp: DpSettings | None = None) -> TrainResult:
+                dp: DpSettings | None = None, features=None) -> TrainResult:
     """Train ``model`` in place on ``enc``. With ``dp`` set, train with Opacus DP-SGD.
 
     The model's ``requires_grad`` flags decide which tensors train. Returns loss/accuracy over the examples
     the optimiser saw and, for DP, the mechanism parameters (steps, sample rate) to account for.
+
+    ``features`` (float tensor [len(enc), hidden], from :func:`client.features.cached_features`) trains the
+    classifier on the frozen encoder's cached outputs instead of running the encoder: allowed only when the
+    classifier alone trains. Sampling, clipping, noise and steps are those of the token path (same seeds give
+    the same update). When only the classifier trains, the frozen encoder runs in eval mode on both paths.
     """
     import time
 
@@ -88,8 +101,28 @@ def train_local(model, enc: Encoded, *, settings: TrainSettings, device, pad_id:
     n = len(enc)
     if n == 0:
         raise ValueError("cannot train on an empty dataset")
-    ids, mask, labels = _tensors(enc, pad_id)
-    dataset = TensorDataset(ids, mask, labels)
+    frozen = _frozen_encoder(model)
+    if features is not None:
+        if not frozen:
+            raise ValueError("cached features need a frozen encoder: only the classifier may train")
+        if len(features) != n:
+            raise ValueError(f"features have {len(features)} rows for {n} examples")
+        labels = torch.as_tensor(enc.labels, dtype=torch.long)
+        dataset = TensorDataset(features, labels)
+        module = model.classifier  # the only trainable part; the features are its input
+        # [B, hidden] features need no memory cap: one physical batch per logical batch (same DP step)
+        settings = dataclasses.replace(settings, max_physical_batch_size=max(settings.max_physical_batch_size,
+                                                                           FEATURE_PHYSICAL_BATCH))
+
+        def fwd(m, xs):
+            return m(xs[0].to(device))
+    else:
+        ids, mask, labels = _tensors(enc, pad_id)
+        dataset = TensorDataset(ids, mask, labels)
+        module = model
+
+        def fwd(m, xs):
+            return _forward(m, xs[0], xs[1], device)
     gen = torch.Generator().manual_seed(settings.seed)
     # Dropout draws from the global generator: seed it too, so a round is reproducible from its seed.
     torch.manual_seed(settings.seed)
@@ -97,11 +130,18 @@ def train_local(model, enc: Encoded, *, settings: TrainSettings, device, pad_id:
     loader = DataLoader(dataset, batch_size=batch, shuffle=dp is None, generator=gen, drop_last=False)
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * settings.epochs
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in module.parameters() if p.requires_grad]
     opt_class = torch.optim.SGD if settings.optimizer == "sgd" else torch.optim.AdamW
     optimizer = opt_class(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     model.to(device)
+    # A frozen encoder is a fixed feature map: no dropout in it (or before the classifier), so the token path
+    # and the cached-feature path compute the same features. Dropout has no parameters: DP is unaffected.
+    # The classifier stays in training mode (Opacus captures activations only in training mode).
     model.train()
+    if frozen:  # everything below the classifier in eval mode; the root stays in training mode for Opacus
+        for child in model.children():
+            if child is not model.classifier:
+                child.eval()
     loss_sum, correct, seen = 0.0, 0, 0
 
     if dp is None:
@@ -109,12 +149,12 @@ def train_local(model, enc: Encoded, *, settings: TrainSettings, device, pad_id:
         loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
         phys = settings.max_physical_batch_size
         for _ in range(settings.epochs):
-            for b_ids, b_mask, b_y in loader:
+            for *b_xs, b_y in loader:
                 optimizer.zero_grad(set_to_none=True)
                 bs = len(b_y)
                 for lo in range(0, bs, phys):
                     y = b_y[lo: lo + phys].to(device)
-                    logits = _forward(model, b_ids[lo: lo + phys], b_mask[lo: lo + phys], device)
+                    logits = fwd(module, [x[lo: lo + phys] for x in b_xs])
                     loss = loss_fn(logits, y)
                     (loss / bs).backward()
                     loss_sum += float(loss.detach())
@@ -136,12 +176,12 @@ def train_local(model, enc: Encoded, *, settings: TrainSettings, device, pad_id:
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
         warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        return _train_dp(model, loader, optimizer, settings=settings, device=device, dp=dp, start=start,
+        return _train_dp(module, fwd, loader, optimizer, settings=settings, device=device, dp=dp, start=start,
                          steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                          PrivacyEngine=PrivacyEngine, BatchMemoryManager=BatchMemoryManager)
 
 
-def _train_dp(model, loader, optimizer, *, settings: TrainSettings, device, dp: DpSettings, start: float,
+def _train_dp(model, fwd, loader, optimizer, *, settings: TrainSettings, device, dp: DpSettings, start: float,
               steps_per_epoch: int, total_steps: int, PrivacyEngine, BatchMemoryManager) -> TrainResult:  # noqa: N803
     import time
     from contextlib import nullcontext
@@ -185,7 +225,7 @@ def _train_dp(model, loader, optimizer, *, settings: TrainSettings, device, dp: 
                             optimizer=dp_optimizer) as mem_loader, \
             (fast_linear_norms() if fast_ghost else nullcontext()):
         for _ in range(settings.epochs):
-            for b_ids, b_mask, b_y in mem_loader:
+            for *b_xs, b_y in mem_loader:
                 if len(b_y) == 0:
                     # An empty Poisson draw still makes a noisy step (zero gradient + noise), as the analysis
                     # assumes: skipping it would reveal that no record was drawn, which a neighbouring dataset
@@ -195,7 +235,7 @@ def _train_dp(model, loader, optimizer, *, settings: TrainSettings, device, dp: 
                     continue
                 dp_optimizer.zero_grad(set_to_none=True)
                 y = b_y.to(device)
-                logits = _forward(private_model, b_ids, b_mask, device)
+                logits = fwd(private_model, b_xs)
                 loss = dp_criterion(logits, y)
                 if fast_ghost:
                     ghost_backward(loss)  # Opacus' two passes without the discarded weight gradients

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from common.cleaning import CleaningConfig
+from common.recipes import auto_part, recipe_for
 
-TRAIN_PARTS = ("full", "head", "lora", "classifier")
+TRAIN_PARTS = ("auto", "full", "head", "lora", "classifier")
+POOLINGS = ("auto", "cls", "mean")
 AGGREGATIONS = ("fedavg", "fedmedian", "trimmed-mean", "krum")
 ACCOUNTANTS = ("prv", "rdp")
 
@@ -159,7 +161,10 @@ class RunConfig:
     seed: int = 0  # every random choice derives from this seed
     # --- model
     model: str = "minilm"  # "minilm" (offline package), "tiny" (random tiny BERT from config) or a directory
-    train_part: str = "head"  # full | head | lora | classifier (the output layer alone: most DP-friendly)
+    # auto (default): classifier under DP, full without (common/recipes.py) | full | head | lora | classifier
+    # (the output layer alone on the frozen encoder: most DP-friendly, trains on cached features)
+    train_part: str = "auto"
+    pooling: str = "auto"  # auto (the model's own: mean for sentence-transformers models, else cls) | cls | mean
     top_k_layers: int = 0  # with train-part=head: also train the top k encoder layers (0 = classifier + pooler)
     lora_r: int = 8
     lora_alpha: int = 16
@@ -176,8 +181,9 @@ class RunConfig:
     clean: str = ""  # text cleaning on each node and on eval-data: comma list of common.cleaning.RULES,
     # "all", or "" (off); applied before the train/validation split, counts in RUN_DIR/cleaning.json
     # --- local training
-    local_epochs: int = 1
-    batch_size: int = 64  # logical batch size (expected batch size under Poisson sampling)
+    # 0 in local-epochs, batch-size, learning-rate, clipping-norm = the train part's recipe (common/recipes.py)
+    local_epochs: int = 0
+    batch_size: int = 0  # logical batch size (expected batch size under Poisson sampling)
     max_physical_batch_size: int = 32  # memory cap; DP uses BatchMemoryManager to split logical batches
     learning_rate: float = 0.0  # AdamW learning rate; 0 = by train part (see effective_learning_rate)
     weight_decay: float = 0.01
@@ -186,7 +192,7 @@ class RunConfig:
     dp: bool = True
     epsilon: float = 0.0  # ε the server asks each node to stay within; 0 = the node's own budget
     delta: float = 0.0  # δ; 0 = the node's own
-    clipping_norm: float = 1.0  # per-sample gradient L2 bound C
+    clipping_norm: float = 0.0  # per-sample gradient L2 bound C; 0 = the recipe's
     accountant: str = "prv"  # prv | rdp
     noise_seed: int = -1  # -1: OS entropy (deployment default); >=0 only for simulations/tests, recorded
     # --- second DP layer: client-level central DP on the server (Flower wrappers + RDP accountant)
@@ -219,6 +225,7 @@ class RunConfig:
         if not self.model:
             raise ConfigError(ERR_RANGE.format(key="model", allowed="minilm, tiny or a directory", value=""))
         _choice("train-part", self.train_part, TRAIN_PARTS)
+        _choice("pooling", self.pooling, POOLINGS)
         _check("top-k-layers", self.top_k_layers, low=0)
         _check("lora-r", self.lora_r, low=1)
         _check("lora-alpha", self.lora_alpha, low=1)
@@ -228,15 +235,15 @@ class RunConfig:
             raise ConfigError(ERR_RANGE.format(key="cv-folds", allowed="0 (off) or >= 2", value=1))
         _check("cv-folds", self.cv_folds, low=0)
         _check("cv-fold", self.cv_fold, low=0, high=max(self.cv_folds - 1, 0))
-        _check("local-epochs", self.local_epochs, low=1)
-        _check("batch-size", self.batch_size, low=1)
+        _check("local-epochs", self.local_epochs, low=0)  # 0: recipe
+        _check("batch-size", self.batch_size, low=0)  # 0: recipe
         _check("max-physical-batch-size", self.max_physical_batch_size, low=1)
         _check("learning-rate", self.learning_rate, low=0.0)
         _check("weight-decay", self.weight_decay, low=0.0)
         _check("warmup-ratio", self.warmup_ratio, low=0.0, high=1.0, high_open=True)
         _check("epsilon", self.epsilon, low=0.0)
         _check("delta", self.delta, low=0.0, high=1.0, high_open=True)
-        _check("clipping-norm", self.clipping_norm, low=0.0, low_open=True)
+        _check("clipping-norm", self.clipping_norm, low=0.0)  # 0: recipe; the resolved value is > 0
         _choice("accountant", self.accountant, ACCOUNTANTS)
         _check("noise-seed", self.noise_seed, low=-1)
         # with central-dp on, noise 0 is no privacy and Flower's accountant refuses it (after the round's work)
@@ -273,21 +280,26 @@ class RunConfig:
 
     # --------------------------------------------------------------------------------- conversions
 
+    def resolved(self) -> RunConfig:
+        """The config with ``auto`` and recipe values filled in (common/recipes.py); explicit values win.
+
+        ``train-part=auto`` becomes ``classifier`` under DP and ``full`` without; ``batch-size``,
+        ``local-epochs``, ``learning-rate`` and ``clipping-norm`` left at 0 take the train part's recipe.
+        Idempotent. The server resolves before sending the round config and the node resolves what it receives,
+        so both account for and train with the same concrete values. ``pooling`` is resolved with the model
+        (common.model.resolve_pooling), which needs the model directory.
+        """
+        part = auto_part(dp=self.dp) if self.train_part == "auto" else self.train_part
+        r = recipe_for(part, dp=self.dp, top_k_layers=self.top_k_layers)
+        return self.replace(train_part=part, batch_size=self.batch_size or r.batch_size,
+                            local_epochs=self.local_epochs or r.local_epochs,
+                            learning_rate=self.learning_rate or r.learning_rate,
+                            clipping_norm=self.clipping_norm or r.clipping_norm)
+
     @property
     def effective_learning_rate(self) -> float:
-        """``learning-rate``, or when 0 a default that works for the train part (measured on the demo data
-        and SST-2, where 5e-5 for full was too small for 3 short federated rounds): full 1.5e-4, lora 1e-3,
-        head with top layers 5e-4, head alone 2e-2, classifier 5e-2 (a linear probe under DP noise needs large
-        steps; measured on SST-2 in benchmarks/privacy_utility.py)."""
-        if self.learning_rate > 0:
-            return self.learning_rate
-        if self.train_part == "full":
-            return 1.5e-4
-        if self.train_part == "lora":
-            return 1e-3
-        if self.train_part == "classifier":
-            return 5e-2
-        return 5e-4 if self.top_k_layers > 0 else 2e-2
+        """``learning-rate``, or when 0 the train part's recipe rate (common/recipes.py)."""
+        return self.resolved().learning_rate
 
     @property
     def label_names(self) -> list[str]:

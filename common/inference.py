@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.data import Encoded
+from common.model import trainable_names
 
 
 def tensors(enc: Encoded, pad_id: int):
@@ -74,3 +75,64 @@ def predict(model, enc: Encoded, *, device, batch_size: int = 64, pad_id: int = 
         y_pred=np.concatenate(preds).astype(np.int64) if preds else np.zeros(0, dtype=np.int64),
         scores=np.concatenate(probs) if probs else np.zeros((0, c)),
     )
+
+
+# ------------------------------------------------------------------ frozen encoder: features, head-only predict
+
+
+def frozen_encoder(model) -> bool:
+    """True when every trainable tensor is the classifier's (train part ``classifier``; ``head`` with mean
+    pooling and no encoder layers) and the model can return its features."""
+    names = trainable_names(model)
+    return bool(names) and hasattr(model, "features") and all(n.startswith("classifier.") for n in names)
+
+
+def encode_features(model, enc: Encoded, *, device, batch_size: int = 64, pad_id: int = 0):
+    """The classifier's input for every example of ``enc``: a float32 CPU tensor [n, hidden], in order.
+
+    Runs the model's encoder in eval mode without gradients, in batches of similar length (padding per batch;
+    masked positions do not change the result, so sorting only saves padded compute).
+    """
+    import torch
+
+    was_training = model.training
+    model.to(device)
+    model.eval()
+    order = np.argsort([len(x) for x in enc.input_ids], kind="stable")
+    out = torch.zeros((len(enc), model.config.hidden_size))
+    with torch.no_grad():
+        for lo in range(0, len(enc), batch_size):
+            idx = order[lo: lo + batch_size]
+            part = Encoded(input_ids=[enc.input_ids[i] for i in idx], labels=np.asarray(enc.labels)[idx])
+            ids, mask, _ = tensors(part, pad_id)
+            b, t = ids.shape
+            f = model.features(
+                input_ids=ids.to(device), attention_mask=mask.to(device),
+                token_type_ids=torch.zeros((b, t), dtype=torch.long, device=device),
+                position_ids=torch.arange(t, dtype=torch.long, device=device).unsqueeze(0).expand(b, t).contiguous(),
+            )
+            out[torch.as_tensor(idx)] = f.float().cpu()
+    model.train(was_training)
+    return out
+
+
+def predict_features(model, features, labels, *, device, batch_size: int = 1024) -> EvalResult:
+    """:func:`common.inference.predict` on cached features: the classifier alone, same outputs."""
+    import torch
+
+    model.eval()
+    head = model.classifier.to(device)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
+    preds, probs, loss_sum = [], [], 0.0
+    with torch.no_grad():
+        for lo in range(0, len(y), batch_size):
+            logits = head(features[lo: lo + batch_size].to(device)).float().cpu()
+            loss_sum += float(loss_fn(logits, y[lo: lo + batch_size]))
+            p = torch.softmax(logits, dim=-1)
+            probs.append(p.numpy())
+            preds.append(p.argmax(-1).numpy())
+    c = model.config.num_labels
+    return EvalResult(loss_sum=loss_sum, num_examples=len(y), y_true=np.asarray(labels, dtype=np.int64),
+                      y_pred=np.concatenate(preds).astype(np.int64) if preds else np.zeros(0, dtype=np.int64),
+                      scores=np.concatenate(probs) if probs else np.zeros((0, c)))

@@ -7,6 +7,11 @@ Models come from three places, never from a hub:
   MiniLM's uncased WordPiece vocabulary, so it needs nothing else either;
 * any local Hugging Face BERT-family directory.
 
+Pooling (what the classifier reads) is a property of the model: ``cls`` (BERT's pooled [CLS] output) or
+``mean`` (the mean of the last hidden states over real tokens, how sentence-transformers models such as the
+default MiniLM were trained). :func:`resolve_pooling` picks the model's own pooling for ``auto``; it is stored
+in ``config.json`` (``fedpriv_pooling``) so a saved model predicts the same after loading. See docs/models.md.
+
 Only the trainable tensors travel between server and nodes. They are named by their key in the model's
 ``state_dict`` (without Opacus ``_module.`` prefixes), kept in ``float32``, and round-trip exactly.
 """
@@ -35,6 +40,10 @@ TINY_CONFIG = {
 # Seed of the tiny model's random initialisation: every node and the server build identical frozen weights.
 TINY_INIT_SEED = 1234
 
+POOLINGS = ("cls", "mean")
+ERR_POOLING = "pooling must be auto, cls or mean; got {value!r}"
+# A sentence-transformers model directory declares its pooling here (1_Pooling/config.json in the default MiniLM).
+_ST_POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
 ERR_MODEL_DIR = "model directory {path} does not exist or has no config.json; expected 'minilm', 'tiny' or a local Hugging Face directory"
 
 
@@ -48,6 +57,7 @@ class ModelSpec:
     top_k_layers: int = 2
     lora_r: int = 8
     lora_alpha: int = 16
+    pooling: str = "auto"  # auto (the model's own: see resolve_pooling) | cls | mean
 
 
 def minilm_path() -> Path:
@@ -64,6 +74,44 @@ def resolve_source(source: str) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(ERR_MODEL_DIR.format(path=path))
     return path
+
+
+def resolve_pooling(requested: str, source: str) -> str:
+    """The pooling a model uses: ``requested`` unless it is ``auto``; then the model's own.
+
+    ``auto`` is ``mean`` for a sentence-transformers directory whose pooling config (``modules.json`` ->
+    ``1_Pooling/config.json``) sets ``pooling_mode_mean_tokens`` (the default MiniLM), the stored
+    ``fedpriv_pooling`` of a directory saved by fedpriv, and ``cls`` otherwise (``tiny``, plain BERT).
+    """
+    import json
+
+    if requested in POOLINGS:
+        return requested
+    if requested not in ("", "auto"):
+        raise ValueError(ERR_POOLING.format(value=requested))
+    if source == "tiny":
+        return "cls"
+    path = resolve_source(source)
+    saved = json.loads((path / "config.json").read_text()).get("fedpriv_pooling")
+    if saved in POOLINGS:
+        return saved
+    modules = path / "modules.json"
+    if modules.is_file():
+        for module in json.loads(modules.read_text()):
+            if str(module.get("type", "")).endswith("models.Pooling"):
+                conf = path / str(module.get("path", "")) / "config.json"
+                settings = json.loads(conf.read_text()) if conf.is_file() else {}
+                for key, pooling in _ST_POOLING_KEYS.items():
+                    if settings.get(key):
+                        return pooling
+    return "cls"
+
+
+def classifier_class():
+    """fedpriv's BERT classifier class (``BertForSequenceClassification`` plus the pooling choice)."""
+    from common.pooling import FedprivBertForSequenceClassification  # lazy: imports torch and transformers
+
+    return FedprivBertForSequenceClassification
 
 
 def choose_device(requested: str = "auto"):
@@ -89,28 +137,36 @@ def build_model(spec: ModelSpec):
     For ``lora`` the result is a PEFT model whose trainable tensors are the adapters and the classifier.
     """
     import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertConfig
 
+    cls = classifier_class()
+    pooling = resolve_pooling(spec.pooling, spec.source)
     num_labels = len(spec.labels)
     id2label = dict(enumerate(spec.labels))
     label2id = {v: k for k, v in id2label.items()}
     if spec.source == "tiny":
         vocab = load_tokenizer("tiny").vocab_size
         cfg = BertConfig(vocab_size=vocab, num_labels=num_labels, id2label=id2label, label2id=label2id,
-                         **TINY_CONFIG)
+                         fedpriv_pooling=pooling, **TINY_CONFIG)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_INIT_SEED)
-            model = BertForSequenceClassification(cfg)
+            model = cls(cfg)
     else:
         path = resolve_source(spec.source)
         # The classifier head is new (randomly initialised); seed it so the server's initial model is
         # reproducible. Nodes always receive the head from the server, so this does not need to agree.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_INIT_SEED)
-            model = BertForSequenceClassification.from_pretrained(
-                str(path), num_labels=num_labels, id2label=id2label, label2id=label2id
-            )
+            config = BertConfig.from_pretrained(str(path), num_labels=num_labels, id2label=id2label,
+                                                label2id=label2id)
+            config.fedpriv_pooling = pooling
+            model = cls.from_pretrained(str(path), config=config)
     return select_trainable(model, spec)
+
+
+def _unused_pooler(model) -> bool:
+    """With mean pooling BERT's pooler never sees a gradient: it must not train (or travel)."""
+    return model.bert.pooler is not None and getattr(model.config, "fedpriv_pooling", "cls") == "mean"
 
 
 def select_trainable(model, spec: ModelSpec):
@@ -118,6 +174,9 @@ def select_trainable(model, spec: ModelSpec):
     if spec.train_part == "full":
         for p in model.parameters():
             p.requires_grad_(True)
+        if _unused_pooler(model):
+            for p in model.bert.pooler.parameters():
+                p.requires_grad_(False)
         return model
     for p in model.parameters():
         p.requires_grad_(False)
@@ -125,7 +184,7 @@ def select_trainable(model, spec: ModelSpec):
         layers = model.bert.encoder.layer
         k = min(spec.top_k_layers, len(layers))
         modules = [model.classifier]
-        if model.bert.pooler is not None:
+        if model.bert.pooler is not None and not _unused_pooler(model):
             modules.append(model.bert.pooler)
         modules.extend(layers[len(layers) - k:] if k else [])
         for m in modules:
@@ -206,9 +265,21 @@ def from_array_record(record) -> OrderedDict[str, np.ndarray]:
     return OrderedDict((k, v.numpy()) for k, v in record.items())
 
 
+REMOTE_CODE_FILE = "modeling_fedpriv.py"
+
+
 def save_pretrained(model, tokenizer, out_dir: Path) -> Path:
-    """Write a directory that ``transformers`` loads directly (LoRA adapters are merged first)."""
+    """Write a directory that ``transformers`` loads directly (LoRA adapters are merged first).
+
+    The pooling is kept in ``config.json`` (``fedpriv_pooling``); :func:`load_pretrained_classifier` and
+    ``serving.compress.load_classifier`` restore it. For plain transformers the directory also holds
+    ``modeling_fedpriv.py`` (the pooling class, no fedpriv import) and an ``auto_map``, so
+    ``AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True)`` pools the same way.
+    """
     import copy
+    import shutil
+
+    import common.pooling  # lazy: imports torch and transformers
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -218,8 +289,12 @@ def save_pretrained(model, tokenizer, out_dir: Path) -> Path:
         model = model.merge_and_unload()
     for p in model.parameters():
         p.requires_grad_(True)
+    model.config.fedpriv_pooling = getattr(model.config, "fedpriv_pooling", None) or "cls"
+    model.config.auto_map = {"AutoModelForSequenceClassification":
+                             f"{REMOTE_CODE_FILE[:-3]}.FedprivBertForSequenceClassification"}
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
+    shutil.copyfile(common.pooling.__file__, out_dir / REMOTE_CODE_FILE)
     return out_dir
 
 
@@ -229,12 +304,13 @@ def load_pretrained_classifier(path: str | Path, *, device: str = "auto"):
     Directories written by ``fedpriv compress`` need :func:`serving.compress.load_classifier`, which reads
     both kinds.
     """
-    from transformers import AutoTokenizer, BertForSequenceClassification
+    from transformers import AutoTokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(ERR_MODEL_DIR.format(path=path))
-    model = BertForSequenceClassification.from_pretrained(str(path))
+    # fedpriv's class reads the stored pooling (``fedpriv_pooling``; cls when absent, e.g. any HF directory).
+    model = classifier_class().from_pretrained(str(path))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model.to(choose_device(device)).eval()
     return model, tokenizer

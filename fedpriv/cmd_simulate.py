@@ -63,11 +63,14 @@ def register(sub) -> None:
                    "OUT/fold-k; mean and spread in OUT/cv.json (with DP the folds share each node's budget)")
     m = p.add_argument_group("model and training")
     m.add_argument("--model", help="minilm (default, offline), tiny, or a local Hugging Face directory")
-    m.add_argument("--train-part", choices=("full", "head", "lora", "classifier"),
-                   help="what trains (default head: classifier + pooler; classifier: the output layer alone)")
+    m.add_argument("--train-part", choices=("auto", "full", "head", "lora", "classifier"),
+                   help="what trains (default auto: classifier, the output layer on the frozen encoder, under DP; "
+                   "full without DP); recipes: docs/models.md")
+    m.add_argument("--pooling", choices=("auto", "cls", "mean"),
+                   help="what the classifier reads (default auto: the model's own, mean for MiniLM)")
     m.add_argument("--top-k-layers", type=int, help="with --train-part head: also train the top k layers (default 0)")
-    m.add_argument("--local-epochs", type=int, help="local epochs per round (default 1)")
-    m.add_argument("--batch-size", type=int, help="(expected) batch size (default 64)")
+    m.add_argument("--local-epochs", type=int, help="local epochs per round (default: the train part's recipe)")
+    m.add_argument("--batch-size", type=int, help="(expected) batch size (default: the train part's recipe)")
     m.add_argument("--lr", type=float, dest="learning_rate", help="AdamW learning rate (default: by train part)")
     m.add_argument("--max-length", type=int, help="tokens per example (default 64)")
     m.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
@@ -202,7 +205,7 @@ def setup_logging(*, verbose: bool) -> None:
 FLAG_KEYS = {
     "eval_data": "eval-data", "text_col": "text-col", "label_col": "label-col", "group_col": "group-col",
     "rounds": "num-server-rounds", "seed": "seed", "out": "out", "model": "model", "train_part": "train-part",
-    "top_k_layers": "top-k-layers", "local_epochs": "local-epochs", "batch_size": "batch-size",
+    "pooling": "pooling", "top_k_layers": "top-k-layers", "local_epochs": "local-epochs", "batch_size": "batch-size",
     "learning_rate": "learning-rate", "max_length": "max-length", "device": "device", "clean": "clean",
     "patience": "early-stopping-patience", "min_delta": "early-stopping-min-delta",
     "stop_metric": "early-stopping-metric", "keep_best": "keep-best",
@@ -319,8 +322,10 @@ def _simulate(cfg, args: argparse.Namespace, opts, plan, fingerprint) -> int:
     setup_logging(verbose=args.verbose)
     with console.status("preparing node data..."):
         cfg, nodes_dir = prepare_nodes(cfg, opts, out, plan)
+    shown = cfg.resolved()  # auto and recipe values as the server will send them
     console.print(f"[bold]fedpriv simulate[/]: {opts.nodes} nodes, {cfg.num_server_rounds} rounds, model "
-                  f"{cfg.model} ({cfg.train_part}), DP {'on, ε=' + str(opts.epsilon) if cfg.dp else 'off'}, "
+                  f"{cfg.model} ({shown.train_part}, batch {shown.batch_size}, {shown.local_epochs} local "
+                  f"epoch{'s' if shown.local_epochs > 1 else ''}), DP {'on, ε=' + str(opts.epsilon) if cfg.dp else 'off'}, "
                   f"data {opts.data or 'synthetic demo'} -> {out}")
     start = time.perf_counter()
     try:

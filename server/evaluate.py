@@ -15,7 +15,7 @@ from common.cleaning import CleaningConfig, clean_dataset
 from common.config import RunConfig
 from common.data import Schema, encode, load_dataset
 from common.fairness import FairnessReport, fairness_report, group_confusions
-from common.inference import predict
+from common.inference import encode_features, frozen_encoder, predict, predict_features
 from common.metrics import classification_metrics
 from common.model import load_tokenizer, to_array_record
 from server.rows import Evaluation
@@ -36,9 +36,15 @@ class CentralEval:
             ds, self.cleaning = clean_dataset(ds, config=CleaningConfig.from_spec(cfg.clean))
         self.enc = encode(ds, load_tokenizer(model_source), max_length=cfg.max_length)
         self.groups = ds.groups if ds.groups is not None else ["all"] * len(ds)
+        self.features = None  # frozen encoder: the set's features, computed on the first round
 
     def evaluate(self, model, device) -> tuple[float, dict[str, np.ndarray]]:
-        res = predict(model, self.enc, device=device)
+        if frozen_encoder(model):  # only the classifier changes between rounds: encode the set once
+            if self.features is None:
+                self.features = encode_features(model, self.enc, device=device)
+            res = predict_features(model, self.features, self.enc.labels, device=device)
+        else:
+            res = predict(model, self.enc, device=device)
         cms = group_confusions(res.y_true, res.y_pred, self.groups, num_classes=model.config.num_labels)
         return res.loss_sum / max(res.num_examples, 1), cms
 

@@ -29,6 +29,7 @@ from common.model import (
     choose_device,
     load_tokenizer,
     load_trainable,
+    resolve_pooling,
     save_pretrained,
     trainable_state,
 )
@@ -162,9 +163,14 @@ def run_federation(grid, cfg: RunConfig, *, progress: Progress | None = None,
     if not cfg.label_names or len(cfg.label_names) < 2:
         raise ConfigError(ERR_NO_LABELS)
     emit = progress or (lambda event, payload: None)
+    # ``auto`` and recipe values (0) become concrete here, so the round config every node receives (and
+    # accounts for), the run directory's config and the report all name what actually trained.
+    cfg = cfg.resolved()
+    cfg = cfg.replace(pooling=resolve_pooling(cfg.pooling, cfg.model))
     rundir = RunDir(cfg.out)
     spec = ModelSpec(source=cfg.model, labels=tuple(cfg.label_names), train_part=cfg.train_part,
-                     top_k_layers=cfg.top_k_layers, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
+                     top_k_layers=cfg.top_k_layers, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                     pooling=cfg.pooling)
     model = build_model(spec)
     device = choose_device(cfg.device)
     run = _start_or_resume(cfg, rundir, model, emit)

@@ -160,7 +160,7 @@ def _guarantee(cfg: RunConfig, nodes: dict[str, NodePrivacy]) -> str:
     accountants = "; ".join(sorted({ACCOUNTANT_NAMES.get(p.accountant or "", p.accountant or "")
                                     for p in nodes.values() if p.accountant}
                                    or {ACCOUNTANT_NAMES.get(cfg.accountant, cfg.accountant)}))
-    c = f"{cfg.clipping_norm:g}"
+    c = f"{cfg.resolved().clipping_norm:g}"  # the recipe value when the config left it to the recipe (0)
     parts = ["Each institution's training records are protected by record-level (example-level) "
              "(ε, δ)-differential privacy under add/remove-one neighbouring, for that institution's dataset on "
              f"its own: DP-SGD with Poisson sampling, per-example gradient clipping to norm {c} and Gaussian "

@@ -48,7 +48,13 @@ from typing import Any
 
 from common.data import Encoded, Schema, load_dataset
 from common.inference import forward, tensors
-from common.model import ERR_MODEL_DIR, choose_device, load_pretrained_classifier, save_pretrained
+from common.model import (
+    ERR_MODEL_DIR,
+    choose_device,
+    classifier_class,
+    load_pretrained_classifier,
+    save_pretrained,
+)
 from server.htmlreport import markdown_to_html, md_escape
 from serving.evaluation import evaluate_file, model_labels
 
@@ -362,9 +368,10 @@ def load_compressed(path: str | Path, *, device: str = "auto"):
     Hugging Face directory and goes to ``device``.
     """
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from transformers import AutoTokenizer, BertConfig
 
-
+    # fedpriv's class: the stored pooling (config.json ``fedpriv_pooling``) comes back with the model.
+    classifier = classifier_class()
     path = Path(path)
     marker = read_marker(path) or {}
     modules = marker.get("quantized_modules") or []
@@ -373,13 +380,13 @@ def load_compressed(path: str | Path, *, device: str = "auto"):
                                            expected=FORMAT_VERSION))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if not marker.get("quantization"):
-        model = BertForSequenceClassification.from_pretrained(str(path))
+        model = classifier.from_pretrained(str(path))
         return model.to(choose_device(device)).eval(), tokenizer
     if device not in ("", "auto", "cpu"):
         raise ValueError(ERR_QUANTIZED_DEVICE.format(path=path, device=device))
     cfg = BertConfig.from_pretrained(str(path))
     with torch.random.fork_rng(devices=[]):  # the random init is overwritten; keep the caller's RNG untouched
-        model = BertForSequenceClassification(cfg).eval()
+        model = classifier(cfg).eval()
     with _quantization_warnings_silenced():
         from torch.ao.quantization import quantize_dynamic
 

@@ -463,7 +463,7 @@ def test_counts_stay_on_the_node_unless_it_opts_in(tmp_path, server_task) -> Non
     from simulations.runner import SimOptions, prepare_nodes
 
 
-    cfg = RunConfig(model="tiny", dp=False, clean="all", out=str(tmp_path / "run"))
+    cfg = RunConfig(model="tiny", dp=False, clean="all", train_part="head", out=str(tmp_path / "run"))
     cfg, nodes_dir = prepare_nodes(cfg, SimOptions(nodes=1, synthetic_size=40), tmp_path / "run")
     arrays = trainable_state(build_model(ModelSpec(source="tiny", labels=tuple(cfg.label_names), top_k_layers=0)))
 

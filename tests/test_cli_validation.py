@@ -53,7 +53,7 @@ BAD = [
     ([*SIM, "--folds", "-3"], ["--folds", ">= 2", "-3"]),
     ([*SIM, "--rounds", "0"], ["--rounds", ">= 1", "0"]),
     ([*SIM, "--lr", "-1"], ["--lr", ">= 0", "-1.0"]),
-    ([*SIM, "--batch-size", "0"], ["--batch-size", ">= 1", "0"]),
+    ([*SIM, "--batch-size", "-1"], ["--batch-size", ">= 0", "-1"]),  # 0 = the recipe
     ([*SIM, "--max-length", "2"], ["--max-length", ">= 8", "2"]),
     ([*SIM, "--synthetic-size", "0"], ["--synthetic-size", ">= 1", "0"]),
     ([*SIM, "--synthetic-skew", "1.5"], ["--synthetic-skew", "< 1", "1.5"]),

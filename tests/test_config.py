@@ -19,6 +19,7 @@ from common.config import (
     RunConfig,
     parse_kv_string,
 )
+from common.recipes import RECIPES
 
 # --------------------------------------------------------------------------------------------- parsing
 
@@ -95,8 +96,9 @@ def test_wrong_types_name_key_expected_and_value(key, raw, expected):
         ("max-length", 513, ">= 8 and <= 512"),
         ("val-fraction", 1.0, "> 0.0 and < 1.0"),
         ("delta", 1.0, ">= 0.0 and < 1.0"),
-        ("clipping-norm", 0.0, "> 0.0"),
-        ("clipping-norm", -1.0, "> 0.0"),
+        ("clipping-norm", -1.0, ">= 0.0"),
+        ("batch-size", -1, ">= 0"),
+        ("local-epochs", -1, ">= 0"),
         ("noise-seed", -2, ">= -1"),
         ("seed", -1, ">= 0"),
         ("epsilon", float("nan"), ">= 0.0"),
@@ -117,7 +119,8 @@ def test_out_of_range_names_key_range_and_value(key, raw, allowed):
     ("key", "raw", "choices"),
     [
         ("aggregation", "mean", "fedavg, fedmedian, trimmed-mean, krum"),
-        ("train-part", "all", "full, head, lora, classifier"),
+        ("train-part", "all", "auto, full, head, lora, classifier"),
+        ("pooling", "max", "auto, cls, mean"),
         ("accountant", "gdp", "prv, rdp"),
         ("device", "gpu", "auto, cpu, cuda, cuda:N"),
     ],
@@ -149,7 +152,7 @@ def test_unknown_keys_can_be_ignored_explicitly():
 def test_first_bad_value_fails_before_any_work():
     # validation happens at construction, also when built directly rather than parsed
     with pytest.raises(ConfigError, match="'batch-size'"):
-        RunConfig(batch_size=0)
+        RunConfig(batch_size=-1)
 
 
 # --------------------------------------------------------------------------------------------- fairness
@@ -221,11 +224,40 @@ def test_to_json_is_the_mapping():
 
 def test_effective_learning_rate_by_part():
     assert RunConfig(learning_rate=0.3).effective_learning_rate == 0.3
-    assert RunConfig(train_part="full").effective_learning_rate == 1.5e-4
-    assert RunConfig(train_part="lora").effective_learning_rate == 1e-3
+    # without DP: the measured non-private rates; under DP (the default) the DP recipes
+    assert RunConfig(train_part="full", dp=False).effective_learning_rate == 1.5e-4
+    assert RunConfig(train_part="lora", dp=False).effective_learning_rate == 1e-3
     assert RunConfig(train_part="head", top_k_layers=1).effective_learning_rate == 5e-4
     assert RunConfig(train_part="head").effective_learning_rate == 2e-2
-    assert RunConfig(train_part="classifier").effective_learning_rate == 5e-2
+    assert RunConfig(train_part="classifier").effective_learning_rate == RECIPES[("classifier", True)].learning_rate
+
+
+def test_auto_part_and_recipes_fill_only_what_the_user_left_open():
+    dp = RunConfig().resolved()
+    r = RECIPES[("classifier", True)]
+    assert (dp.train_part, dp.batch_size, dp.local_epochs, dp.learning_rate, dp.clipping_norm) == (
+        "classifier", r.batch_size, r.local_epochs, r.learning_rate, r.clipping_norm)
+    plain = RunConfig(dp=False).resolved()
+    assert plain.train_part == "full" and plain.batch_size == RECIPES[("full", False)].batch_size
+    # explicit values win, key by key
+    mine = RunConfig(batch_size=7, local_epochs=3, learning_rate=0.5, clipping_norm=2.0, train_part="lora").resolved()
+    assert (mine.train_part, mine.batch_size, mine.local_epochs, mine.learning_rate, mine.clipping_norm) == (
+        "lora", 7, 3, 0.5, 2.0)
+    assert RunConfig(batch_size=7).resolved().local_epochs == r.local_epochs
+    assert dp.resolved() == dp  # idempotent: the node resolving what the server resolved changes nothing
+    # every concrete value is valid as an explicit one
+    for (part, private), rec in RECIPES.items():
+        assert rec.batch_size >= 1 and rec.local_epochs >= 1 and rec.learning_rate > 0 and rec.clipping_norm > 0
+        assert RunConfig(train_part=part.split("+")[0], dp=private, top_k_layers=int("+" in part)).resolved()
+
+
+def test_every_run_config_key_has_a_pyproject_default():
+    import tomllib
+    from pathlib import Path
+
+    table = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(RunConfig().to_mapping()) <= set(table)
+    assert RunConfig.from_mapping(table).resolved() == RunConfig(out=table["out"]).resolved()
 
 
 def test_label_names():

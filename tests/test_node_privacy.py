@@ -23,7 +23,7 @@ from client.app import (
 from client.budget import REFUSE_MIN_ROUND
 from common.config import RunConfig
 from common.ledger import head_path, load_public_key, verify_ledger
-from common.model import ModelSpec, build_model, to_array_record, trainable_state
+from common.model import ModelSpec, build_model, resolve_pooling, to_array_record, trainable_state
 from common.seeds import derived_seed
 from server.rounds import config_record as _config_record
 from simulations.runner import SimOptions, prepare_nodes
@@ -36,7 +36,11 @@ ROWS = 60  # one node: 48 training rows, 12 validation rows
 def node(tmp_path, server_task):
     cfg = RunConfig(model="tiny", out=str(tmp_path / "run"), batch_size=16, num_server_rounds=2)
     cfg, nodes_dir = prepare_nodes(cfg, SimOptions(nodes=1, synthetic_size=ROWS, epsilon=BUDGET), tmp_path / "run")
-    arrays = trainable_state(build_model(ModelSpec(source="tiny", labels=tuple(cfg.label_names), top_k_layers=0)))
+    cfg = cfg.resolved()  # as the server sends it: train part, recipe and pooling concrete
+    cfg = cfg.replace(pooling=resolve_pooling(cfg.pooling, cfg.model))
+    arrays = trainable_state(build_model(ModelSpec(source="tiny", labels=tuple(cfg.label_names),
+                                                   train_part=cfg.train_part, top_k_layers=cfg.top_k_layers,
+                                                   pooling=cfg.pooling)))
     n = Node(cfg, nodes_dir, arrays)
     n.configure(accountant="rdp")  # fast; PRV (the default) is exercised where the accountant changes
     return n
@@ -247,8 +251,9 @@ def test_training_budget_leaves_room_for_every_rounds_counts(node) -> None:
 def test_the_ledger_records_what_ran(node) -> None:
     _, info = node.train()
     e = info["ledger_entry"]
-    assert e["num_examples"] == 48 and e["batch_size"] == 16 and e["epochs"] == 1
-    assert e["sample_rate"] == pytest.approx(1 / 3) and e["steps"] == e["steps_executed"] == 3
+    epochs = node.cfg.local_epochs  # the recipe's, as the server resolved it
+    assert e["num_examples"] == 48 and e["batch_size"] == 16 and e["epochs"] == epochs >= 1
+    assert e["sample_rate"] == pytest.approx(1 / 3) and e["steps"] == e["steps_executed"] == 3 * epochs
 
 
 def test_two_processes_cannot_both_spend_the_same_room(node) -> None:

@@ -142,16 +142,18 @@ def test_train_handler_replays_a_released_round_without_training_or_spending(tmp
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
     from client.app import handle_train
-    from common.model import ModelSpec, build_model, to_array_record, trainable_state
+    from common.model import ModelSpec, build_model, resolve_pooling, to_array_record, trainable_state
     from simulations.runner import SimOptions, prepare_nodes, sync_node_split
 
     run = tmp_path / "run"
     cfg, nodes_dir = prepare_nodes(_cfg(run), SimOptions(nodes=1, synthetic_size=60, epsilon=50.0, delta=1e-3),
                                    run)
     sync_node_split(cfg, nodes_dir)
+    cfg = cfg.resolved()  # as the server sends it
     arrays = to_array_record(trainable_state(build_model(ModelSpec("tiny", ("negative", "positive"),
                                                                    train_part=cfg.train_part,
-                                                                   top_k_layers=cfg.top_k_layers))))
+                                                                   top_k_layers=cfg.top_k_layers,
+                                                                   pooling=resolve_pooling(cfg.pooling, "tiny")))))
 
     def ask(server_round: int, run_id: str = "run-x"):
         config = {**cfg.to_mapping(), "server-round": server_round, "fedpriv-run": run_id,

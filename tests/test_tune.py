@@ -154,7 +154,7 @@ def test_space_problems_are_listed_together() -> None:
         tune.SPACE_TYPE.format(key="lora-r", what="value", value=2.5, kind="an integer"),
     ):
         assert f"  - {line}" in msg, line
-    assert "train-part: choice 'everything': config key 'train-part' must be one of full, head, lora" in msg
+    assert "train-part: choice 'everything': config key 'train-part' must be one of auto, full, head, lora" in msg
 
 
 def test_space_file_that_cannot_be_parsed(tmp_path: Path) -> None:
