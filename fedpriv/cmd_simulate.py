@@ -13,7 +13,7 @@ from common.config import ConfigError, RunConfig, parse_kv_string
 from common.data import DataError
 from common.model import resolve_source
 from server.rows import RoundRow
-from server.rundir import RunDir
+from server.rundir import RUN_MARKER, RunDir
 from simulations.crossval import fold_configs, summarize, write_summary
 from simulations.runner import (
     SimOptions,
@@ -278,7 +278,6 @@ def run(args: argparse.Namespace) -> int:
 def check_out_dir(out: Path, *, fresh: bool) -> None:
     """``--out`` may be new, an empty directory, or a run directory fedpriv created; ``--fresh`` deletes only
     the last kind, never a link, the current directory or one of its parents. Raises :class:`ConfigError`."""
-    from server.rundir import RUN_MARKER
 
     if out.is_symlink() and fresh:
         raise ConfigError(ERR_FRESH_LINK.format(out=out))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -158,10 +159,13 @@ def test_tls_authenticated_federation_with_failures_and_resume(tmp_path: Path) -
         assert "Exit Code: 305" in procs.log("unregistered")
         assert "No SuperNode found with the given public key" in procs.log("superlink")
 
-        def flwr_run() -> None:
+        def flwr_run() -> str:
             r = subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "fedtest", "--run-config", run_config],
                                env=env, capture_output=True, text=True, timeout=300)
             assert r.returncode == 0, r.stdout + r.stderr
+            found = re.findall(r"\b(\d{6,})\b", r.stdout + r.stderr)  # the Flower run id it started
+            assert found, r.stdout + r.stderr
+            return found[-1]
 
         flwr_run()
         end = time.time() + 600
@@ -177,7 +181,7 @@ def test_tls_authenticated_federation_with_failures_and_resume(tmp_path: Path) -
         assert not (run_dir / "report.md").exists()
         link = procs.start("superlink2", superlink_cmd)
         wait_port(port, link, tmp_path / "superlink2.log")
-        flwr_run()
+        flower_run = flwr_run()
         end = time.time() + 900
         while not (run_dir / "report.md").exists() and time.time() < end:
             time.sleep(1.0)
@@ -204,6 +208,11 @@ def test_tls_authenticated_federation_with_failures_and_resume(tmp_path: Path) -
             assert {e["run"] for e in own.entries} == {run_id}  # one run, resumed: every round once
             server_copy = verify_ledger(run_dir / "ledgers" / f"{n}.jsonl", key)
             assert [e["hash"] for e in server_copy.entries] == [e["hash"] for e in own.entries]
+        # `flwr log` shows the coordinator the ServerApp's lines: the resume and every round after it (issue 17)
+        shown = subprocess.run([str(BIN / "flwr"), "log", flower_run, "fedtest", "--show"], env=env,
+                               capture_output=True, text=True, timeout=120)
+        assert f"run={run_id} resuming after round " in shown.stdout + shown.stderr, shown.stdout[-3000:]
+        assert f"run={run_id} round={ROUNDS} status=ok" in shown.stdout + shown.stderr, shown.stdout[-3000:]
         # Each SuperNode's output tells its institution what the node did, one INFO line per round (issue 17)
         for n in ("n0", "n1", "n2"):
             text = (tmp_path / f"{n}.log").read_text(errors="replace")
