@@ -175,6 +175,12 @@ def audit_run(run_dir: str | Path, *, pubkeys: str | Path | None = None,
     ledger_files = sorted(p for p in ledgers_dir.glob("*.jsonl") if p.stem != "server") if ledgers_dir.exists() else []
     if facts.dp and not ledger_files and facts.rounds:
         rep.findings.append(Finding("ledgers", "-", "DP was on but RUN_DIR/ledgers holds no node ledger"))
+    if ledger_files and not facts.run_id:
+        rep.findings.append(Finding("run", "-", "config.json names no fedpriv run (fedpriv-run): the ledgers cannot "
+                                                "be matched to this run"))
+    if ledger_files and not (run_dir / "metrics.jsonl").exists():
+        rep.findings.append(Finding("run", "-", "metrics.jsonl is missing although the run has ledgers: the rounds "
+                                                "and what nodes reported cannot be checked"))
     for node in sorted(set(facts.trained) - {p.stem for p in ledger_files}):
         rep.findings.append(Finding("ledgers", node, f"metrics.jsonl shows {node} training in rounds "
                                                      f"{sorted(facts.trained[node])} but RUN_DIR/ledgers/{node}.jsonl "
@@ -205,9 +211,14 @@ def _audit_node(rep: AuditReport, led: Path, facts: _RunFacts, *, run_dir: Path,
                                  _node_copy(run_dir, node, Path(node_ledgers) if node_ledgers else None), public_key)
     train = [e for e in entries if e.get("kind") in TRAINING_KINDS]
     this_run = [e for e in train if e.get("run") == facts.run_id] if facts.run_id else train
+    if entries and facts.run_id and not any(e.get("run") == facts.run_id for e in entries):
+        rep.findings.append(Finding("run", node, f"no entry of this ledger belongs to the run config.json names "
+                                                 f"({facts.run_id}): the run directory does not match its ledgers"))
     _check_rounds(rep, node, this_run, facts)
     _check_parameters(rep, node, this_run)
-    _check_mechanism(rep, node, this_run, facts)
+    # what ran is checked on every release accounted, earlier runs included
+    _check_mechanism(rep, node, [e for e in accounting if e.get("kind") in (*TRAINING_KINDS, "count-noise")],
+                     facts)
     _check_coverage(rep, node, accounting)
     per_entry, last = _recompute(rep, node, accounting)
     rep.nodes[node] = {"entries": len(entries), "entries_this_run": len(this_run),
@@ -292,8 +303,11 @@ def _check_mechanism(rep: AuditReport, node: str, this_run: list[dict[str, Any]]
             rep.findings.append(Finding("mechanism", node, f"round {rnd} used the fixed noise seed "
                                                            f"{e['noise_seed']}: whoever knows the seed can remove the "
                                                            "noise, so this release carries no DP guarantee", entry=idx))
-        n, batch = e.get("num_examples"), e.get("batch_size") or facts.batch_size
-        reported = facts.num_examples.get((node, int(rnd))) if isinstance(rnd, int) else None
+        if e.get("kind") not in TRAINING_KINDS:
+            continue
+        this = e.get("run") == facts.run_id
+        n, batch = e.get("num_examples"), e.get("batch_size") or (facts.batch_size if this else None)
+        reported = facts.num_examples.get((node, int(rnd))) if this and isinstance(rnd, int) else None
         if n is None:
             n = reported
         elif reported is not None and reported != n:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import secrets
 import time
 from typing import Any
@@ -33,6 +34,7 @@ from client.features import cached_features, node_store, predict_node
 from client.node import load_node_config, load_node_data, node_name
 from client.train import DpSettings, TrainSettings, grad_sample_mode_for, train_local
 from common.config import NodeConfig, RunConfig
+from common.data import DataError
 from common.fairness import group_confusions
 from common.logs import deployment_logging
 from common.model import (
@@ -77,13 +79,14 @@ REFUSE_FIXED_SEED = ("refusing to train: the run config asks for a fixed noise s
 REFUSE_NO_DP = ("refusing to train: the run config asks for training without DP (dp=false) but this node "
                 "requires DP-SGD (node config require-dp=true)")
 NOTE_WITHHELD = "evaluation counts withheld: count-noise-epsilon is 0 and share-exact-metrics is false"
+WITHHELD_DATA_ERROR = ("the node's data does not match the run config's schema or labels (the rows and values "
+                       "are in the node's log, not sent)")
+OTHER_GROUP = "other"
 
 
 def _node_view(cfg: RunConfig, node: NodeConfig) -> RunConfig:
-    """The run config as this node applies it: on a DP node the values that decide which records answer
-    which query (validation split, folds) and how the spend is accounted (accountant, δ) are the node's."""
-    if not cfg.dp:
-        return cfg
+    """The run config as this node applies it: the values that decide which records answer which query
+    (validation split, folds) and how the spend is accounted (accountant, δ) are the node's."""
     return cfg.replace(val_fraction=node.val_fraction, cv_folds=node.cv_folds, cv_fold=node.cv_fold,
                        accountant=node.accountant, delta=node.delta)
 
@@ -104,7 +107,7 @@ def _sampling_seed(cfg: RunConfig, node: NodeConfig, *, run: str, name: str, ser
         return derived_seed(cfg.seed, name, server_round)
     fixed = _fixed_seed(cfg, node)
     if fixed is None:
-        return secrets.randbits(31)
+        return secrets.randbits(63)
     return derived_seed(fixed, run, name, server_round, "sampling")
 
 
@@ -132,6 +135,25 @@ def _open(msg: Message, context: Context, sim_nodes_dir: str | None):
     return cfg, node, name, model, source, data
 
 
+def _public_reason(exc: Exception) -> str:
+    """What a failed data load may tell the coordinator. A :class:`DataError` names rows and quotes their values
+    (a label, a text): with a run config choosing the columns that would send records out, so the reply says
+    only what kind of problem it was; the full message is in the node's own log."""
+    if isinstance(exc, DataError):
+        return WITHHELD_DATA_ERROR
+    return str(exc)
+
+
+def _group_view(groups: list[str], node: NodeConfig) -> tuple[list[str], list[str]]:
+    """(each validation row's released group name, every name the release may carry): the node's own public
+    list of groups (node config ``groups``), everything else as ``other``; without a list, one group ``all``."""
+    allowed = node.group_names
+    if not allowed:
+        return ["all"] * len(groups), ["all"]
+    listed = set(allowed)
+    return [g if g in listed else OTHER_GROUP for g in groups], [*allowed, OTHER_GROUP]
+
+
 def _refusal(cfg: RunConfig, node: NodeConfig) -> str | None:
     """Why this node refuses the run config before looking at its budget, or None."""
     if not cfg.dp and node.require_dp:
@@ -150,7 +172,7 @@ def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -
         cfg, node, name, model, source, data = _open(msg, context, sim_nodes_dir)
     except Exception as exc:  # the reply must say why; the run continues without this node
         log.error("run=%s round=%s node_id=%s cannot open dataset: %s", run, server_round, context.node_id, exc)
-        return _error_reply(msg, ERROR_CODE_DATA, f"dataset cannot be used: {exc}")
+        return _error_reply(msg, ERROR_CODE_DATA, f"dataset cannot be used: {_public_reason(exc)}")
 
     info: dict[str, Any] = {"node": name, "status": "ok"}
     refusal = _refusal(cfg, node)
@@ -205,6 +227,8 @@ def handle_train(msg: Message, context: Context, *, sim_nodes_dir: str | None) -
                         "train-seconds": float(result.seconds)})
     if node.share_cleaning_counts:
         metrics.update(data.cleaning)
+    # a hostile learning rate can make the loss infinite: nothing non-finite is stored or sent
+    metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and not math.isfinite(v))}
     trained = trainable_state(model)
     if plan is not None and privacy is not None:
         entry = privacy.commit(plan, run=run, server_round=server_round, noise_seed=noise_seed,
@@ -234,7 +258,8 @@ def handle_evaluate(msg: Message, context: Context, *, sim_nodes_dir: str | None
     try:
         cfg, node, name, model, source, data = _open(msg, context, sim_nodes_dir)
     except Exception as exc:
-        return _error_reply(msg, ERROR_CODE_DATA, f"dataset cannot be used: {exc}")
+        log.error("run=%s round=%s node_id=%s cannot open dataset: %s", run, server_round, context.node_id, exc)
+        return _error_reply(msg, ERROR_CODE_DATA, f"dataset cannot be used: {_public_reason(exc)}")
     refusal = _refusal(cfg, node)
     if refusal is not None:  # a node that refuses the run answers none of its queries
         log.warning("run=%s round=%s node=%s evaluation refused: %s", run, server_round, name, refusal)
@@ -243,13 +268,16 @@ def handle_evaluate(msg: Message, context: Context, *, sim_nodes_dir: str | None
     start = time.perf_counter()
     res = predict_node(model, data.val, source=source, device=choose_device(node.device or cfg.device),
                        **node_store(node, name))
-    groups = data.val.groups if data.val.groups is not None else ["all"] * len(data.val)
+    if data.val.groups is None:
+        groups, all_groups = ["all"] * len(data.val), ["all"]
+    else:
+        groups, all_groups = _group_view(list(data.val.groups), node)
     cms = group_confusions(res.y_true, res.y_pred, groups, num_classes=len(cfg.label_names))
     info: dict[str, Any] = {"node": name, "count_noise_epsilon": 0.0}
     metrics: dict[str, Any] = {"num-examples": len(data.val)}
     privacy = NodePrivacy(node, cfg, name=name, data=data) if cfg.dp else None
     eps_counts = privacy.count_epsilon() if privacy is not None else 0.0
-    exact_ok = node.share_exact_metrics or not cfg.dp
+    exact_ok = node.share_exact_metrics  # with or without DP: exact statistics only where the node opted in
     if eps_counts > 0 and privacy is not None:
         # A count release is paid from the same budget as training and recorded in the same ledger.
         refusal = privacy.count_noise_refusal(eps_counts)
@@ -260,9 +288,12 @@ def handle_evaluate(msg: Message, context: Context, *, sim_nodes_dir: str | None
         fixed = _fixed_seed(cfg, node)
         rng = np.random.default_rng(derived_seed(fixed, run, name, server_round, "counts") if fixed is not None
                                     else None)
-        cms = noisy_group_confusions(cms, epsilon=eps_counts, rng=rng)
+        cms = noisy_group_confusions(cms, epsilon=eps_counts, rng=rng, all_groups=all_groups,
+                                     num_classes=len(cfg.label_names))
         info["count_noise_epsilon"] = eps_counts
-        info["ledger_entry"] = privacy.record_count_noise(run=run, server_round=server_round, epsilon=eps_counts)
+        info["ledger_entry"] = privacy.record_count_noise(
+            run=run, server_round=server_round, epsilon=eps_counts,
+            noise_seed=derived_seed(fixed, run, name, server_round, "counts") if fixed is not None else None)
         info["counts"] = count_dict_to_json(cms, cfg.label_names)
     elif exact_ok:
         info["counts"] = count_dict_to_json(cms, cfg.label_names)

@@ -11,6 +11,8 @@ else holds the spend, so no file can be deleted or re-keyed to reset it. A ledge
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 import json
 import math
 from dataclasses import dataclass
@@ -93,6 +95,7 @@ class NodePrivacy:
         self.key = load_or_create_node_key(self.state_dir)
         self.ledger = Ledger(self.state_dir / "ledger.jsonl", self.key)
         self.replay = ReplayStore(self.state_dir)
+        self.dataset_id = keyed_fingerprint(self.key, data.fingerprint)
         self.problem: str | None = None  # set when the ledger does not verify: the node then releases nothing
         self._head = ""  # the ledger head the spend was read at; appends require it unchanged
         self._entries: list[dict[str, Any]] = []
@@ -233,7 +236,7 @@ class NodePrivacy:
             "run": run,
             "round": server_round,
             "node": self.name,
-            "dataset": self.data.fingerprint,
+            "dataset": self.dataset_id,
             "accountant": plan.accountant,
             "delta": plan.delta,
             "noise_multiplier": plan.noise_multiplier,
@@ -280,7 +283,8 @@ class NodePrivacy:
         after = self._epsilon(self.history, [*self.count_releases, CountRelease(epsilon)])
         return check_budget(spent=spent, cost_after=after, budget=self.budget, delta=self.delta)
 
-    def record_count_noise(self, *, run: str, server_round: int, epsilon: float) -> dict[str, Any]:
+    def record_count_noise(self, *, run: str, server_round: int, epsilon: float,
+                           noise_seed: int | None = None) -> dict[str, Any]:
         """Account a noised-count release (pure ε, basic composition) and write its ledger entry."""
         release = CountRelease(epsilon, "discrete-laplace")
         total = self._epsilon(self.history, [*self.count_releases, release])
@@ -290,8 +294,9 @@ class NodePrivacy:
             "run": run,
             "round": server_round,
             "node": self.name,
-            "dataset": self.data.fingerprint,
+            "dataset": self.dataset_id,
             "mechanism": "discrete-laplace",
+            "noise_seed": noise_seed,
             "epsilon_release": epsilon,
             "epsilon": total,
             "accountant": self.accountant,
@@ -302,6 +307,19 @@ class NodePrivacy:
         self._head = entry["hash"]
         self.count_releases.append(release)
         return entry
+
+
+def keyed_fingerprint(signing_key, fingerprint: str) -> str:
+    """The dataset's identity as the ledger records it: HMAC-SHA256 of its content hash under a key only this
+    node holds (derived from its signing key). It changes when the data changes, so the audit still sees data
+    that changed mid-run; a plain hash would let anyone who knows all records but one test candidates for the
+    last one offline."""
+    from cryptography.hazmat.primitives import serialization
+
+    raw = signing_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                    serialization.NoEncryption())
+    secret = hmac.new(raw, b"fedpriv dataset fingerprint key", hashlib.sha256).digest()
+    return hmac.new(secret, fingerprint.encode("ascii"), hashlib.sha256).hexdigest()
 
 
 def finite(x: float) -> float:

@@ -374,6 +374,9 @@ class NodeConfig:
     share_exact_metrics: bool = False  # opt in to sending exact statistics outside the guarantee: train loss and
     # accuracy, evaluation loss and, with count-noise-epsilon 0, exact evaluation counts
     min_epsilon_per_round: float = 0.0  # refuse a round that would spend less than this (a round that is noise)
+    groups: str = ""  # comma list of the group names this node may name in its evaluation counts (public); rows
+    # of any other group are counted under "other"; empty: one group "all" (the group column is the
+    # coordinator's choice, and a name taken from the data would be released as it is)
     val_fraction: float = 0.2  # local validation split (on a DP node the run config's value is not used)
     cv_folds: int = 0  # cross-validation folds of this node's data (0 = off); like val-fraction, the node's
     cv_fold: int = 0  # the held-out fold when cv-folds >= 2
@@ -417,6 +420,10 @@ class NodeConfig:
 
     def to_mapping(self) -> dict[str, Any]:
         return {_flower_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @property
+    def group_names(self) -> list[str]:
+        return [g.strip() for g in self.groups.split(",") if g.strip()]
 
     def resolved_state_dir(self, fallback_name: str) -> Path:
         if self.state_dir:

@@ -204,9 +204,11 @@ def prepare_nodes(cfg: RunConfig, opts: SimOptions, run_dir: Path,
             # one person runs every simulated institution: the cleaning counts may go to the run directory
             "share-cleaning-counts": True,
         }
+        if ds.groups is not None:  # the simulation's groups are public: every node may name them in its counts
+            node_cfg["groups"] = ",".join(sorted({str(g) for g in ds.groups}))
         if opts.count_noise_epsilon is not None:
             node_cfg["count-noise-epsilon"] = opts.count_noise_epsilon
-        node_cfg.update({"share-exact-metrics": opts.share_exact_metrics,
+        node_cfg.update({"share-exact-metrics": opts.share_exact_metrics or not cfg.dp,
                          "allow-fixed-noise-seed": opts.allow_fixed_noise_seed,
                          # the simulation's user speaks for every institution: a run without DP is their choice
                          "require-dp": cfg.dp})

@@ -270,3 +270,15 @@ def test_a_partial_view_of_the_ledger_fails_and_says_what_it_covered(run: Path) 
     assert len(fails) == 1 and "covers only entries 1-2 of runs run123" in fails[0].message
     assert rep.nodes["node-0"]["accounted_entries"] == [1, 2] and rep.nodes["node-0"]["held_to_budget"] == \
         "dp_accounting_pld"
+
+
+def test_a_run_directory_that_does_not_match_its_ledgers_fails(run: Path) -> None:
+    """An edited config.json (another run id) or a deleted metrics.jsonl must not hide what the ledgers show."""
+    _resign(run, lambda e: e.update(noise_seed=12345))
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "fedpriv-run": "other"}))
+    (run / "metrics.jsonl").unlink()
+    rep = audit_run(run)
+    assert {f.check for f in rep.failures} >= {"run", "mechanism"}
+    assert any("fixed noise seed 12345" in f.message for f in rep.failures)  # checked on every accounted entry
+    assert any("metrics.jsonl is missing" in f.message for f in rep.failures)

@@ -290,3 +290,51 @@ def test_a_refused_run_gets_no_evaluation_either(node) -> None:
     _, info = node.evaluate(noise_seed=5)
     assert info["error"] == "evaluation refused: " + REFUSE_FIXED_SEED.format(seed=5)
     assert not (node.state / "ledger.jsonl").exists()
+
+
+# ------------------------------------------------------------------- what a hostile run config cannot extract
+
+
+def test_group_names_come_from_the_nodes_list_not_from_the_data(node) -> None:
+    """A coordinator naming the text column as the group column must not get the texts back as group names."""
+    texts = [json.loads(x)["text"] for x in Path(json.loads((node.nodes_dir / "node-0" / "node.json")
+                                                            .read_text())["data-path"]).read_text().splitlines()]
+    allowed = json.loads((node.nodes_dir / "node-0" / "node.json").read_text())["groups"].split(",")
+    _, info = node.evaluate(group_col="text")
+    released = set(json.loads(info["counts"])["groups"])
+    assert released == {*allowed, "other"}  # every listed name (noised zeros too) and "other"; nothing else
+    assert not any(t in json.dumps(info) for t in texts)
+    node.configure(groups="")  # no public list: one group
+    assert set(json.loads(node.evaluate(rnd=2)[1]["counts"])["groups"]) == {"all"}
+
+
+def test_a_data_error_reply_quotes_no_record(node) -> None:
+    from client.app import WITHHELD_DATA_ERROR
+
+    texts = [json.loads(x)["text"] for x in Path(json.loads((node.nodes_dir / "node-0" / "node.json")
+                                                            .read_text())["data-path"]).read_text().splitlines()]
+    for kind in ("train", "evaluate"):
+        _, info = getattr(node, kind)(label_col="text")  # every text is now an "unknown label"
+        assert info["error"] == "dataset cannot be used: " + WITHHELD_DATA_ERROR
+        assert not any(t in info["error"] for t in texts)
+
+
+def test_the_ledger_names_the_dataset_by_a_keyed_hash(node) -> None:
+    from common.data import Schema, dataset_fingerprint, load_dataset
+
+    _, info = node.train()
+    data = json.loads((node.nodes_dir / "node-0" / "node.json").read_text())["data-path"]
+    plain = dataset_fingerprint(load_dataset(data, schema=Schema("text", "label", "group"),
+                                             labels=node.cfg.label_names))
+    recorded = info["ledger_entry"]["dataset"]
+    assert len(recorded) == 64 and recorded != plain  # nobody without the node's key can test a candidate
+    _, again = node.train(run="run-b")
+    assert again["ledger_entry"]["dataset"] == recorded  # stable: the audit still sees data that changed
+
+
+def test_a_hostile_learning_rate_cannot_lose_a_paid_round(node) -> None:
+    node.configure(share_exact_metrics=True)
+    metrics, info = node.train(learning_rate=1e15, clipping_norm=1e30)
+    assert info["status"] == "ok" and all(v == v and abs(v) != float("inf") for v in metrics.values())
+    _, again = node.train()  # the same round asked again: re-sent from the store, not lost
+    assert again.get("replayed") is True

@@ -417,7 +417,7 @@ def test_private_tune_end_to_end_ledgers_hold_every_trial(tmp_path: Path) -> Non
         assert len({e["run"] for e in train}) == trials  # one run per trial
         assert train[-1]["epsilon"] == pytest.approx(recs[-1]["epsilon"][node])
         copy = out / "ledgers" / f"{node}.jsonl"
-        assert main(["ledger", "verify", str(copy), "--pubkey", str(out / "ledgers" / f"{node}.pub")]) == 0
+        assert main(["ledger", "verify", str(copy), "--pubkey", str(out / "ledgers" / f"{node}.pub"), "--segment"]) == 0
         assert [json.loads(x)["hash"] for x in copy.read_text().splitlines()] == [e["hash"] for e in own.entries]
     for t in range(1, trials + 1):
         rep = audit_run(out / "trials" / f"trial-{t:03d}")
