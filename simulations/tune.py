@@ -626,6 +626,9 @@ class FederationObjective:
         for row in rows:
             for node, eps in row.epsilon.items():
                 eps_after[node] = float(eps)
+        if self.private:  # the nodes' own ledgers hold every release, the last round's noised counts included
+            for node, eps in simulation_runner.nodes_ledger_epsilon(self.nodes_dir).items():
+                eps_after[node] = max(eps_after.get(node, 0.0), eps)
         eps_trial = {n: e - (self.spent.get(n, 0.0) if self.private else 0.0) for n, e in eps_after.items()}
         if self.private:
             self.spent = dict(eps_after)

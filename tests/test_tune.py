@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -415,12 +416,22 @@ def test_private_tune_end_to_end_ledgers_hold_every_trial(tmp_path: Path) -> Non
         train = [e for e in own.entries if e["kind"] == "dp-sgd"]
         assert len(train) == trials * rounds
         assert len({e["run"] for e in train}) == trials  # one run per trial
-        assert train[-1]["epsilon"] == pytest.approx(recs[-1]["epsilon"][node])
+        assert own.entries[-1]["epsilon"] == pytest.approx(recs[-1]["epsilon"][node])  # every release counted
         copy = out / "ledgers" / f"{node}.jsonl"
         assert main(["ledger", "verify", str(copy), "--pubkey", str(out / "ledgers" / f"{node}.pub"), "--segment"]) == 0
         assert [json.loads(x)["hash"] for x in copy.read_text().splitlines()] == [e["hash"] for e in own.entries]
+    # Each trial's run directory holds the coordinator's copies of that trial only: from trial 2 on the audit
+    # cannot see the nodes' earlier spend and says so (issue 17); with the nodes' own ledgers it checks it all.
+    node_ledgers = out / "audit-node-ledgers"
+    node_ledgers.mkdir()
+    for node in ("node-0", "node-1"):
+        state = out / "nodes" / node / "state"
+        shutil.copy(state / "ledger.jsonl", node_ledgers / f"{node}.jsonl")
+        shutil.copy(state / "ledger.head", node_ledgers / f"{node}.head")
     for t in range(1, trials + 1):
-        rep = audit_run(out / "trials" / f"trial-{t:03d}")
+        partial = audit_run(out / "trials" / f"trial-{t:03d}")
+        assert {f.check for f in partial.failures} == (set() if t == 1 else {"coverage"}), partial.failures
+        rep = audit_run(out / "trials" / f"trial-{t:03d}", node_ledgers=node_ledgers)
         assert rep.passed, [str(f) for f in rep.failures]
 
     # best.toml: the best trial's values, accepted by both run-config readers, asking only for what is left.
@@ -435,7 +446,8 @@ def test_private_tune_end_to_end_ledgers_hold_every_trial(tmp_path: Path) -> Non
         assert cfg.epsilon == pytest.approx(8.0 - 4.0)
     assert summary_spent(out) == pytest.approx(max(recs[-1]["epsilon"].values()))
     summary = json.loads((out / "tune.json").read_text())
-    assert summary["data_is"] == "private" and summary["ledger_entries"] == {"node-0": 2, "node-1": 2}
+    # per node: each trial's training release and its noised evaluation counts
+    assert summary["data_is"] == "private" and summary["ledger_entries"] == {"node-0": 4, "node-1": 4}
     assert (out / "trials.png").stat().st_size > 0
     assert sorted(p.parent.name for p in (out / "trials").glob("*/model")) == [f"trial-{best['trial']:03d}"]
 
