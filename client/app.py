@@ -81,7 +81,6 @@ REFUSE_NO_DP = ("refusing to train: the run config asks for training without DP 
 NOTE_WITHHELD = "evaluation counts withheld: count-noise-epsilon is 0 and share-exact-metrics is false"
 WITHHELD_DATA_ERROR = ("the node's data does not match the run config's schema or labels (the rows and values "
                        "are in the node's log, not sent)")
-OTHER_GROUP = "other"
 
 
 def _node_view(cfg: RunConfig, node: NodeConfig) -> RunConfig:
@@ -144,14 +143,19 @@ def _public_reason(exc: Exception) -> str:
     return str(exc)
 
 
-def _group_view(groups: list[str], node: NodeConfig) -> tuple[list[str], list[str]]:
-    """(each validation row's released group name, every name the release may carry): the node's own public
-    list of groups (node config ``groups``), everything else as ``other``; without a list, one group ``all``."""
+def _group_view(groups: list[str] | None, n: int, node: NodeConfig) -> tuple[list[int], list[str], list[str]]:
+    """(the validation rows counted, their released group names, every name the release carries).
+
+    Group names come from the node's own public list (node config ``groups``): rows of any other group are left
+    out of the counts, so no name is ever taken from the data (the group column is the coordinator's choice).
+    Without a list, or without a group column, every row counts in one group ``all``.
+    """
     allowed = node.group_names
-    if not allowed:
-        return ["all"] * len(groups), ["all"]
+    if groups is None or not allowed:
+        return list(range(n)), ["all"] * n, ["all"]
     listed = set(allowed)
-    return [g if g in listed else OTHER_GROUP for g in groups], [*allowed, OTHER_GROUP]
+    keep = [i for i, g in enumerate(groups) if g in listed]
+    return keep, [groups[i] for i in keep], list(allowed)
 
 
 def _refusal(cfg: RunConfig, node: NodeConfig) -> str | None:
@@ -268,13 +272,12 @@ def handle_evaluate(msg: Message, context: Context, *, sim_nodes_dir: str | None
     start = time.perf_counter()
     res = predict_node(model, data.val, source=source, device=choose_device(node.device or cfg.device),
                        **node_store(node, name))
-    if data.val.groups is None:
-        groups, all_groups = ["all"] * len(data.val), ["all"]
-    else:
-        groups, all_groups = _group_view(list(data.val.groups), node)
-    cms = group_confusions(res.y_true, res.y_pred, groups, num_classes=len(cfg.label_names))
+    keep, groups, all_groups = _group_view(list(data.val.groups) if data.val.groups is not None else None,
+                                           len(data.val), node)
+    cms = group_confusions(np.asarray(res.y_true)[keep], np.asarray(res.y_pred)[keep], groups,
+                           num_classes=len(cfg.label_names))
     info: dict[str, Any] = {"node": name, "count_noise_epsilon": 0.0}
-    metrics: dict[str, Any] = {"num-examples": len(data.val)}
+    metrics: dict[str, Any] = {"num-examples": len(keep)}  # the rows counted
     privacy = NodePrivacy(node, cfg, name=name, data=data) if cfg.dp else None
     eps_counts = privacy.count_epsilon() if privacy is not None else 0.0
     exact_ok = node.share_exact_metrics  # with or without DP: exact statistics only where the node opted in

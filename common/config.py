@@ -375,7 +375,7 @@ class NodeConfig:
     # accuracy, evaluation loss and, with count-noise-epsilon 0, exact evaluation counts
     min_epsilon_per_round: float = 0.0  # refuse a round that would spend less than this (a round that is noise)
     groups: str = ""  # comma list of the group names this node may name in its evaluation counts (public); rows
-    # of any other group are counted under "other"; empty: one group "all" (the group column is the
+    # of any other group are left out of the counts; empty: one group "all" (the group column is the
     # coordinator's choice, and a name taken from the data would be released as it is)
     val_fraction: float = 0.2  # local validation split (on a DP node the run config's value is not used)
     cv_folds: int = 0  # cross-validation folds of this node's data (0 = off); like val-fraction, the node's

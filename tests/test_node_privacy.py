@@ -302,7 +302,7 @@ def test_group_names_come_from_the_nodes_list_not_from_the_data(node) -> None:
     allowed = json.loads((node.nodes_dir / "node-0" / "node.json").read_text())["groups"].split(",")
     _, info = node.evaluate(group_col="text")
     released = set(json.loads(info["counts"])["groups"])
-    assert released == {*allowed, "other"}  # every listed name (noised zeros too) and "other"; nothing else
+    assert released == set(allowed)  # every listed name (noised zeros too) and nothing else
     assert not any(t in json.dumps(info) for t in texts)
     node.configure(groups="")  # no public list: one group
     assert set(json.loads(node.evaluate(rnd=2)[1]["counts"])["groups"]) == {"all"}
