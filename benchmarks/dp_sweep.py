@@ -9,7 +9,7 @@ setting then runs a federation on the cached features: every round each node cal
 DP-SGD on the classifier, Poisson sampling), and the server averages (FedAvg, weighted by examples) and
 evaluates on ``dev.tsv``. Output: JSON lines, one per (setting, ε, seed), and a summary.
 
-    python benchmarks/dp_sweep.py --stage grid --features-file /tmp/sst2-feats.pt  # batch x epochs x lr, ε 1 and 8
+    python benchmarks/dp_sweep.py --stage grid --features-file runs/sst2-feats.pt  # batch x epochs x lr, ε 1 and 8
     python benchmarks/dp_sweep.py --stage final --batch 128 --epochs 4 --lr 0.05 --clip 1   # 3 seeds, ε 1/3/8
 """
 
