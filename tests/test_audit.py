@@ -101,22 +101,11 @@ def test_edited_epsilon_fails_and_names_the_entry(run: Path) -> None:
 
 
 def test_understated_epsilon_resigned_by_the_node_still_fails_recomputation(run: Path) -> None:
-    key = load_or_create_node_key(run / "nodes" / "node-0" / "state")
-    entries = _server_lines(run)
-    fixed = []
-    prev = "0" * 64
-    for e in entries:
-        e = {k: v for k, v in e.items() if k not in ("hash", "signature")}
+    def understate(e: dict) -> None:
         if e["round"] == 2:
             e["epsilon"] = e["epsilon"] / 2  # a node (or a bug) claiming less than it spent
-        e["prev_hash"] = prev
-        import base64
 
-        e["hash"] = entry_hash(e)
-        e["signature"] = base64.b64encode(key.sign(bytes.fromhex(e["hash"]))).decode()
-        prev = e["hash"]
-        fixed.append(e)
-    _write_server(run, fixed)
+    _resign(run, understate)
     rep = audit_run(run)
     assert [f.entry for f in _failed(rep, "epsilon")] == [1]
     assert not _failed(rep, "chain")
