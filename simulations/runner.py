@@ -36,6 +36,7 @@ from common.data import (
 from common.fsutil import atomic_write_bytes, atomic_write_text
 from server.loop import run_federation
 from simulations.partition import partition
+from simulations.reaper import reap_on_death
 from simulations.stop import (
     SimulationInterrupted,
     StoppableGrid,
@@ -264,8 +265,9 @@ def nodes_ledger_epsilon(nodes_dir: Path) -> dict[str, float]:
     return out
 
 
-def backend_config(num_nodes: int) -> dict[str, Any]:
-    """One CPU per virtual ClientApp (so 2 run at once on 2 cores); a share of the GPU when one is present."""
+def backend_config(num_nodes: int, *, temp_dir: Path) -> dict[str, Any]:
+    """One CPU per virtual ClientApp (so 2 run at once on 2 cores); a share of the GPU when one is present.
+    ``temp_dir``: the run's own Ray temporary directory (:func:`simulations.reaper.reap_on_death`)."""
     import torch
 
     cpus = os.cpu_count() or 1
@@ -273,7 +275,7 @@ def backend_config(num_nodes: int) -> dict[str, Any]:
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": gpus},
         "init_args": {"num_cpus": cpus, "num_gpus": 1 if gpus else 0, "logging_level": "ERROR",
-                      "log_to_driver": False},
+                      "log_to_driver": False, "_temp_dir": str(temp_dir)},
     }
 
 
@@ -289,7 +291,9 @@ def run(cfg: RunConfig, *, nodes_dir: Path, num_nodes: int, progress=None) -> No
     """Run the federation in Flower's simulation engine and shut Ray down afterwards.
 
     SIGINT and SIGTERM stop it within seconds (:mod:`simulations.stop`): the round in progress is dropped,
-    Ray is shut down, no process of the run is left, and :class:`SimulationInterrupted` is raised.
+    Ray is shut down, no process of the run is left, and :class:`SimulationInterrupted` is raised. If this
+    process is killed outright (``kill -9``), a separate reaper ends every process Ray started for the run
+    (:mod:`simulations.reaper`).
     """
     apply_env()
     import ray
@@ -309,22 +313,23 @@ def run(cfg: RunConfig, *, nodes_dir: Path, num_nodes: int, progress=None) -> No
     level = flwr_logger.level
     hide = _KnownDeprecation()
     flwr_logger.addFilter(hide)
-    try:
-        with stop_on_signals(stop, out=str(cfg.out)), keep_our_sigterm_handler():
-            try:
-                run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
-                               backend_name="ray", backend_config=backend_config(num_nodes))
-            except Exception:
+    with reap_on_death() as ray_tmp:  # outermost: its reaper outlives a kill -9 of this process and ends the run
+        try:
+            with stop_on_signals(stop, out=str(cfg.out)), keep_our_sigterm_handler():
+                try:
+                    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
+                                   backend_name="ray", backend_config=backend_config(num_nodes, temp_dir=ray_tmp))
+                except Exception:
+                    if stop.signal_name:
+                        raise SimulationInterrupted(stop.signal_name) from None
+                    raise
                 if stop.signal_name:
-                    raise SimulationInterrupted(stop.signal_name) from None
-                raise
+                    raise SimulationInterrupted(stop.signal_name)
+        finally:
+            flwr_logger.removeFilter(hide)
+            flwr_logger.setLevel(level)
+            ours = descendants() if stop.signal_name else []
+            if ray.is_initialized():
+                ray.shutdown()
             if stop.signal_name:
-                raise SimulationInterrupted(stop.signal_name)
-    finally:
-        flwr_logger.removeFilter(hide)
-        flwr_logger.setLevel(level)
-        ours = descendants() if stop.signal_name else []
-        if ray.is_initialized():
-            ray.shutdown()
-        if stop.signal_name:
-            kill_descendants(also=ours)  # whatever Ray left behind: nothing of the run may outlive it
+                kill_descendants(also=ours)  # whatever Ray left behind: nothing of the run may outlive it

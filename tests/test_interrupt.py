@@ -1,9 +1,11 @@
 """Issue 15: Ctrl-C (SIGINT) or SIGTERM on `fedpriv simulate` stops it within seconds with one line, keeps the
 last committed round, leaves no process behind (Ray shut down), and the same command then resumes the run with
-every round once in metrics.jsonl and in every ledger. A real subprocess on the tiny model."""
+every round once in metrics.jsonl and in every ledger; `kill -9` of it leaves no process of its Ray session
+behind. A real subprocess on the tiny model."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +21,7 @@ from simulations.stop import MSG_INTERRUPTED
 pytestmark = pytest.mark.slow
 
 STOP_WITHIN_S = 15.0  # measured ~5 s on a loaded 2-core machine (0.5 s grace + Flower's 3 s wait + Ray)
+REAPED_WITHIN_S = 20.0  # after kill -9: the reaper polls every 0.2 s; measured ~1 s on a loaded 2-core machine
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -88,3 +91,72 @@ def test_signal_stops_within_seconds_and_the_run_resumes(tmp_path: Path, sig: si
         entries = [json.loads(x) for x in (out / "ledgers" / f"{node}.jsonl").read_text().splitlines() if x.strip()]
         train = [e["round"] for e in entries if e["kind"] == "dp-sgd"]
         assert train == list(range(1, target + 1)), train  # the dropped round was replayed, not spent twice
+
+
+
+def _of_session(session_dir: str) -> list:
+    """Every live process of a Ray session: it names the session directory on its command line or holds a file
+    in it open (agents and workers retitle themselves ``ray::...`` and keep their logs there open)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if session_dir in " ".join(proc.cmdline()) or any(
+                    f.path.startswith(session_dir) for f in proc.open_files()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _alive(procs: list) -> list:
+    import psutil
+
+    alive = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+    return alive
+
+
+def test_kill_9_leaves_no_process_of_the_run(tmp_path: Path) -> None:
+    import psutil
+
+    proc = subprocess.Popen(_cmd(tmp_path / "run", rounds=50), env=_env(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ours: list = []
+    try:
+        deadline = time.monotonic() + 300
+        lines: set[str] = set()
+        while not ({"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= lines and any(
+                x.startswith("ray::") and "Agent" not in x for x in lines)):  # the agents and a worker: Ray is up
+            assert proc.poll() is None, f"fedpriv simulate exited with {proc.returncode}"
+            assert time.monotonic() < deadline, f"Ray did not start in time: {sorted(lines)}"
+            time.sleep(0.2)
+            ours = psutil.Process(proc.pid).children(recursive=True)
+            lines = set()
+            for p in ours:
+                with contextlib.suppress(psutil.Error):
+                    lines.add(" ".join(p.cmdline()).strip())
+        session = next(arg.split("=", 1)[1] for line in lines for arg in line.split()
+                       if arg.startswith(("--session_dir=", "--session-dir=")))
+        before = _of_session(session)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        end = time.monotonic() + REAPED_WITHIN_S
+        while (left := {*_of_session(session), *_alive(ours)}) and time.monotonic() < end:  # the reaper too
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert len(before) >= 5, before  # the driver, GCS, raylet, the two agents, workers
+    shown = []
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            shown.append(" ".join(p.cmdline()).strip())
+            p.kill()  # leave the machine clean even when the assertion fails
+    assert not shown, shown
