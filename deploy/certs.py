@@ -18,8 +18,10 @@
   for ``flwr supernode register`` (``load_ssh_public_key``, must be EC on a NIST curve).
 
 Private keys are written with mode 0600, other files 0644; nothing is overwritten unless asked, and all
-target files are checked before the first one is written. A new directory gets mode 0700. Only
-``cryptography`` is used (imported inside the functions).
+target files are checked before the first one is written. Even when asked (``overwrite``, ``--force``) only an
+ordinary file is replaced, atomically: a target that is a symbolic link, a directory, a device, a FIFO or a
+socket, or that is one of the command's inputs, is refused (:func:`common.fsutil.check_output_file`). A new
+directory gets mode 0700. Only ``cryptography`` is used (imported inside the functions).
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ import hashlib
 import ipaddress
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
+
+from common.fsutil import atomic_write_bytes, check_output_file
 
 ERR_NO_HOSTS = "--server-host: give at least one host name or IP address the SuperLink is reached at"
 ERR_BAD_HOST = (
@@ -51,11 +56,10 @@ _NODE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 
 
 def _write(path: Path, data: bytes, *, private: bool, overwrite: bool) -> Path:
-    if path.exists() or path.is_symlink():
-        if not overwrite:
-            raise FileExistsError(ERR_EXISTS.format(file=path))
-        path.unlink()
     mode = 0o600 if private else 0o644
+    if overwrite:  # checked by _check_targets: nothing there, or an ordinary file; replaced in one rename
+        atomic_write_bytes(path, data, mode=mode)
+        return path
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         os.fchmod(fd, mode)  # independent of the umask
@@ -79,11 +83,13 @@ def _prepare_dir(out_dir: Path) -> None:
     os.chmod(out_dir, 0o700)
 
 
-def _check_free(paths: list[Path], overwrite: bool) -> None:
-    if overwrite:
-        return
+def _check_targets(paths: list[Path], *, overwrite: bool,
+                   inputs: Iterable[tuple[str, str | Path | None]] = ()) -> None:
+    """Refuse, before anything is written, a target that is not an ordinary file or is one of ``inputs`` (even
+    with ``overwrite``), and any existing target without ``overwrite``."""
     for p in paths:
-        if p.exists() or p.is_symlink():
+        check_output_file(p, inputs=inputs, create_parent=True)
+        if not overwrite and p.exists():
             raise FileExistsError(ERR_EXISTS.format(file=p))
 
 
@@ -137,7 +143,7 @@ def init_ca_and_server(out_dir: str | Path, *, server_hosts: list[str], days: in
     names = {k: out_dir / k for k in CA_FILES}
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(ERR_NOT_DIR.format(dir=out_dir))
-    _check_free(list(names.values()), overwrite)
+    _check_targets(list(names.values()), overwrite=overwrite)
     _prepare_dir(out_dir)
 
     now = dt.datetime.now(dt.UTC)
@@ -192,8 +198,12 @@ def init_ca_and_server(out_dir: str | Path, *, server_hosts: list[str], days: in
     return names
 
 
-def create_node_keypair(out_dir: str | Path, name: str, *, overwrite: bool = False) -> tuple[Path, Path]:
-    """Write ``<name>`` (OpenSSH EC P-384 private key, 0600) and ``<name>.pub`` (OpenSSH public key, 0644)."""
+def create_node_keypair(out_dir: str | Path, name: str, *, overwrite: bool = False,
+                        inputs: Iterable[tuple[str, str | Path | None]] = ()) -> tuple[Path, Path]:
+    """Write ``<name>`` (OpenSSH EC P-384 private key, 0600) and ``<name>.pub`` (OpenSSH public key, 0644).
+
+    ``inputs``: (description, path) pairs of files the command was given (``--data``); neither key file may
+    be one of them, even with ``overwrite``."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -203,7 +213,7 @@ def create_node_keypair(out_dir: str | Path, name: str, *, overwrite: bool = Fal
     priv_path, pub_path = out_dir / name, out_dir / f"{name}.pub"
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(ERR_NOT_DIR.format(dir=out_dir))
-    _check_free([priv_path, pub_path], overwrite)
+    _check_targets([priv_path, pub_path], overwrite=overwrite, inputs=inputs)
     _prepare_dir(out_dir)
     key = ec.generate_private_key(ec.SECP384R1())
     priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,

@@ -47,7 +47,8 @@ def register(sub) -> None:
                         "unless bound to one of the given names)")
     i.add_argument("--port", type=int, default=commands.SUPERLINK_PORT,
                    help="the SuperLink's port in the printed commands (default 8000)")
-    i.add_argument("--force", action="store_true", help="overwrite existing files")
+    i.add_argument("--force", action="store_true",
+                   help="replace existing certificate and key files (ordinary files only, never a link or device)")
     i.set_defaults(func=init)
 
     n = csub.add_parser(
@@ -61,7 +62,8 @@ def register(sub) -> None:
     n.add_argument("--port", type=int, help="this SuperNode's own --port in the printed command (distinct per "
                                             "SuperNode on one machine; Flower's default 9094)")
     n.add_argument("--data", metavar="FILE", help="the dataset file to encrypt, for the printed command")
-    n.add_argument("--force", action="store_true", help="overwrite existing files")
+    n.add_argument("--force", action="store_true",
+                   help="replace existing key files (ordinary files only, never a link, a device or --data)")
     n.set_defaults(func=node)
 
     def _help(args: argparse.Namespace) -> int:
@@ -115,7 +117,8 @@ def init(args: argparse.Namespace) -> int:
 
 def node(args: argparse.Namespace) -> int:
     try:
-        priv, pub = create_node_keypair(args.dir, args.name, overwrite=args.force)
+        priv, pub = create_node_keypair(args.dir, args.name, overwrite=args.force,
+                                        inputs=[("the --data file", args.data)])
         fp = ssh_public_key_fingerprint(pub)
     except (ValueError, OSError) as exc:
         return _fail(exc)

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from common.fsutil import ERR_OUT_IS_INPUT, ERR_OUT_NOT_FILE, ERR_OUT_SYMLINK
 from deploy.certs import (
     ERR_NO_HOSTS,
     certificate_fingerprint,
@@ -261,6 +262,89 @@ def test_cli_force_and_help(tmp_path: Path, capsys) -> None:
     assert main(["certs", "node", str(tmp_path), "n0", "--force"]) == 0
     assert main(["certs"]) == 2
     assert "init" in capsys.readouterr().out
+
+
+# --force replaces ordinary files only (docs/safety.md): the same refusals and messages as `fedpriv dataset`.
+COMMANDS = {"init": (["certs", "init", "{dir}", "--server-host", "localhost", "--force"], "ca.key"),
+            "node": (["certs", "node", "{dir}", "n0", "--force"], "n0")}
+
+
+def _one_error(capsys, message: str) -> None:
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.splitlines() == ["fedpriv certs: " + message], captured.err
+
+
+def _argv(command: str, directory: Path, *extra: str) -> list[str]:
+    return [a.replace("{dir}", str(directory)) for a in COMMANDS[command][0]] + list(extra)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "directory"])
+def test_force_never_replaces_what_is_not_an_ordinary_file(tmp_path: Path, capsys, command: str, kind: str) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    target = keys / COMMANDS[command][1]
+    if kind == "symlink":
+        target.symlink_to(victim)
+        message = ERR_OUT_SYMLINK.format(out=target)
+    elif kind == "fifo":
+        os.mkfifo(target)
+        message = ERR_OUT_NOT_FILE.format(out=target, kind="a FIFO (named pipe)")
+    else:
+        target.mkdir()
+        message = ERR_OUT_NOT_FILE.format(out=target, kind="a directory")
+    assert main(_argv(command, keys)) == 2
+    _one_error(capsys, message)
+    assert [p.name for p in keys.iterdir()] == [target.name]  # nothing written, the target untouched
+    assert victim.read_text() == "keep me" and os.path.lexists(target)
+    assert target.is_symlink() == (kind == "symlink") and stat.S_ISFIFO(os.lstat(target).st_mode) == (kind == "fifo")
+
+
+def test_force_never_replaces_a_device(tmp_path: Path, capsys) -> None:
+    """As root a device node is made in tmp_path (deleting it, as --force did, would be harmless); otherwise
+    /dev/null itself, which a user other than root could not have deleted either."""
+    try:
+        os.mknod(tmp_path / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+        device = tmp_path / "null"
+    except PermissionError:
+        device = Path("/dev/null")
+    assert main(["certs", "node", str(device.parent), "null", "--force"]) == 2
+    _one_error(capsys, ERR_OUT_NOT_FILE.format(out=device, kind="a character device"))
+    assert stat.S_ISCHR(os.lstat(device).st_mode) and not (device.parent / "null.pub").exists()
+
+
+@pytest.mark.parametrize("which", ["n0", "n0.pub"])
+def test_force_never_replaces_the_data_file(tmp_path: Path, capsys, which: str) -> None:
+    """`certs node DIR NAME --data FILE`: neither key file may be the dataset, also through a hard link."""
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\nhello,positive\n")
+    os.link(data, tmp_path / which)
+    assert main(["certs", "node", str(tmp_path), "n0", "--data", str(data), "--force"]) == 2
+    _one_error(capsys, ERR_OUT_IS_INPUT.format(out=tmp_path / which, what="the --data file", inp=data))
+    assert data.read_text() == "text,label\nhello,positive\n"
+    assert main(["certs", "node", str(tmp_path), "data.csv", "--data", str(data), "--force"]) == 2
+    _one_error(capsys, ERR_OUT_IS_INPUT.format(out=data, what="the --data file", inp=data))
+    assert data.read_text() == "text,label\nhello,positive\n"
+
+
+def test_force_replaces_atomically(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A write that fails under --force leaves the earlier files as they were, and no temporary file."""
+    assert main(["certs", "init", str(tmp_path), "--server-host", "localhost"]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def no_space(_fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    assert main(["certs", "init", str(tmp_path), "--server-host", "localhost", "--force"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    monkeypatch.undo()
+    assert main(["certs", "init", str(tmp_path), "--server-host", "localhost", "--force"]) == 0
+    assert {p.name for p in tmp_path.iterdir()} == set(before) and (tmp_path / "ca.key").read_bytes() != before["ca.key"]
+    assert _mode(tmp_path / "ca.key") == 0o600 and _mode(tmp_path / "ca.crt") == 0o644
 
 
 # ------------------------------------------------------------------------------------------ real processes
