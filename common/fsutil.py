@@ -69,6 +69,7 @@ def atomic_write_json(path: str | Path, data: Any, *, mode: int | None = None) -
 ERR_OUT_IS_INPUT = "{out}: is also {what} ({inp}); refusing to write over it"
 ERR_OUT_SYMLINK = "{out}: is a symbolic link; refusing to write through or over it (remove it or choose another path)"
 ERR_OUT_NOT_FILE = "{out}: exists and is {kind}, not a regular file; refusing to replace it"
+ERR_OUT_NOT_DIR = "{out}: exists and is {kind}, not a directory; refusing to replace it"
 ERR_OUT_NO_PARENT = "{out}: directory {parent} does not exist; create it first"
 ERR_OUT_PARENT_NOT_DIR = "{out}: {parent} is not a directory"
 
@@ -78,12 +79,35 @@ class UnsafeOutputError(ValueError):
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISSOCK, "a socket")):
+    for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket")):
         if test(mode):
             return name
-    return "not a regular file"
+    return "of an unknown kind"
+
+
+def _lstat_no_link(path: Path) -> os.stat_result | None:
+    """``os.lstat(path)``, None when nothing is there; a symbolic link raises :class:`UnsafeOutputError`."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeOutputError(ERR_OUT_SYMLINK.format(out=path))
+    return st
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """Refuse an output directory that is a symbolic link (writing through it, or replacing it, would touch
+    what it points to) or that exists and is not a directory (a file, a device such as ``/dev/null``, a FIFO, a
+    socket). Raises :class:`UnsafeOutputError` (one line naming the path); returns ``path`` as a :class:`Path`.
+    Whether an existing directory may be replaced is the caller's decision (a marker file it wrote)."""
+    path = Path(path)
+    st = _lstat_no_link(path)
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        raise UnsafeOutputError(ERR_OUT_NOT_DIR.format(out=path, kind=_kind(st.st_mode)))
+    return path
 
 
 def check_output_file(path: str | Path, *, inputs: Iterable[tuple[str, str | Path | None]] = (),
@@ -97,13 +121,8 @@ def check_output_file(path: str | Path, *, inputs: Iterable[tuple[str, str | Pat
     ``create_parent``). Returns ``path`` as a :class:`Path`.
     """
     path = Path(path)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
+    st = _lstat_no_link(path)
     if st is not None:
-        if stat.S_ISLNK(st.st_mode):
-            raise UnsafeOutputError(ERR_OUT_SYMLINK.format(out=path))
         if not stat.S_ISREG(st.st_mode):
             raise UnsafeOutputError(ERR_OUT_NOT_FILE.format(out=path, kind=_kind(st.st_mode)))
         for what, inp in inputs:
@@ -122,3 +141,4 @@ def check_output_file(path: str | Path, *, inputs: Iterable[tuple[str, str | Pat
     elif not parent.is_dir():
         raise UnsafeOutputError(ERR_OUT_PARENT_NOT_DIR.format(out=path, parent=parent))
     return path
+

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from common.data import Encoded, Schema, load_dataset
+from common.fsutil import UnsafeOutputError, check_output_dir
 from common.inference import forward, tensors
 from common.model import (
     ERR_MODEL_DIR,
@@ -80,7 +81,6 @@ ERR_NOTHING = "nothing to do: give --quantize int8 and/or --prune AMOUNT (a frac
 ERR_OUT_NOT_EMPTY = "output directory {path} exists and is not empty (--out); choose another path or pass --force to replace it"
 ERR_FORCE_FOREIGN = ("--force replaces only an earlier `fedpriv compress` output (a directory holding "
                      f"{MARKER}); {{path}} is not one: choose an empty or new --out")
-ERR_OUT_NOT_DIR = "output path {path} exists and is not a directory (--out)"
 ERR_OUT_HOLDS_INPUT = "output directory {path} (--out) is or contains the input {what} {inner}; choose another --out"
 ERR_EVAL_MISSING = "evaluation file {path} does not exist (--eval-data)"
 ERR_NEEDS_EVAL = "--{flag} {value!r} needs --eval-data"
@@ -155,6 +155,17 @@ def read_marker(path: str | Path) -> dict[str, Any] | None:
     return json.loads(marker.read_text())
 
 
+def _out_dir_problems(out: Path, *, force: bool) -> list[str]:
+    """An existing non-empty ``--out`` is replaced only with ``force`` and only if it is an earlier output."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return []
+    if not force:
+        return [ERR_OUT_NOT_EMPTY.format(path=out)]
+    if not (out / MARKER).is_file():  # --force deletes the old directory: never one that is not a compress output
+        return [ERR_FORCE_FOREIGN.format(path=out)]
+    return []
+
+
 def request_problems(req: CompressRequest) -> list[str]:
     """Every problem of ``req`` (empty when it can run). Looks at the file system; changes nothing."""
     problems: list[str] = []
@@ -174,13 +185,12 @@ def request_problems(req: CompressRequest) -> list[str]:
     if req.quantize is None and req.prune is None:
         problems.append(ERR_NOTHING)
     out = Path(req.out).expanduser()
-    if out.exists() and not out.is_dir():
-        problems.append(ERR_OUT_NOT_DIR.format(path=out))
-    elif out.is_dir() and any(out.iterdir()) and not req.force:
-        problems.append(ERR_OUT_NOT_EMPTY.format(path=out))
-    elif out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
-        # --force deletes the old directory: never one that is not a compress output (e.g. --out ~/Documents)
-        problems.append(ERR_FORCE_FOREIGN.format(path=out))
+    try:  # even with --force: never through or over a symbolic link, never over a file, device or FIFO
+        check_output_dir(out)
+    except UnsafeOutputError as exc:
+        problems.append(f"--out {exc}")
+    else:
+        problems += _out_dir_problems(out, force=req.force)
     inputs = [("model", model)] + ([("evaluation file", Path(req.eval_data).expanduser())] if req.eval_data else [])
     inputs.append(("working directory", Path.cwd()))
     for what, inner in inputs:

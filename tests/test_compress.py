@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from common.data import Schema
+from common.fsutil import ERR_OUT_NOT_DIR, ERR_OUT_SYMLINK
 from fedpriv.cli import main
 from serving.compress import (
     ERR_FORCE_FOREIGN,
@@ -320,6 +322,60 @@ def test_out_holding_the_model_is_refused_even_with_force(tmp_path, float_dir, c
     assert _err(capsys) == [f"fedpriv compress: {ERR_FORCE_FOREIGN.format(path=parent)}",
                             f"fedpriv compress: {ERR_OUT_HOLDS_INPUT.format(path=parent, what='model', inner=float_dir)}"]
     assert (float_dir / "config.json").is_file()
+
+
+def _earlier_output(path: Path) -> Path:
+    """A directory that --force may replace: it holds the compression marker (and a file to watch)."""
+    path.mkdir()
+    (path / MARKER).write_text(json.dumps({"format": 1, "quantization": None}))
+    (path / "keep.txt").write_text("mine")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "fifo", "file", "device"])
+def test_force_never_writes_through_or_over_what_is_not_a_directory(tmp_path, float_dir, capsys, kind):
+    """The same refusals and messages as the other commands (common.fsutil), even with --force."""
+    out = tmp_path / "o"
+    if kind == "symlink":  # to an earlier output: --force would replace the directory it points to
+        out.symlink_to(_earlier_output(tmp_path / "elsewhere"))
+        message = ERR_OUT_SYMLINK.format(out=out)
+    elif kind == "dangling symlink":
+        out.symlink_to(tmp_path / "nowhere")
+        message = ERR_OUT_SYMLINK.format(out=out)
+    elif kind == "fifo":
+        os.mkfifo(out)
+        message = ERR_OUT_NOT_DIR.format(out=out, kind="a FIFO (named pipe)")
+    elif kind == "file":
+        out.write_text("mine")
+        message = ERR_OUT_NOT_DIR.format(out=out, kind="a regular file")
+    else:
+        out = Path("/dev/null")
+        message = ERR_OUT_NOT_DIR.format(out=out, kind="a character device")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert main(["compress", "--model", str(float_dir), "--out", str(out), "--quantize", "int8", "--force",
+                 *FAST]) == 2
+    assert _err(capsys) == [f"fedpriv compress: --out {message}"]
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    if kind == "symlink":
+        assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "mine"
+
+
+def test_force_never_replaces_its_own_inputs(tmp_path, float_dir, eval_file, capsys):
+    """Even an earlier compress output (which --force may replace) is refused when it is --model or holds
+    --eval-data."""
+    import shutil
+
+    model = tmp_path / "pruned"  # a pruned-only output is a float model: it may be compressed again
+    shutil.copytree(float_dir, model)
+    (model / MARKER).write_text(json.dumps({"format": 1, "quantization": None}))
+    assert main(["compress", "--model", str(model), "--out", str(model), "--quantize", "int8", "--force"]) == 2
+    assert _err(capsys) == [f"fedpriv compress: {ERR_OUT_HOLDS_INPUT.format(path=model, what='model', inner=model)}"]
+    held = _earlier_output(tmp_path / "earlier")
+    shutil.copy(eval_file, held / "held.csv")
+    assert main(["compress", "--model", str(float_dir), "--out", str(held), "--quantize", "int8", "--force",
+                 "--eval-data", str(held / "held.csv"), "--text-col", "review", "--label-col", "stars"]) == 2
+    assert _err(capsys) == [f"fedpriv compress: {ERR_OUT_HOLDS_INPUT.format(path=held, what='evaluation file', inner=held / 'held.csv')}"]
+    assert (model / "config.json").is_file() and (held / "held.csv").read_bytes() == eval_file.read_bytes()
 
 
 def test_every_problem_is_reported_at_once_before_any_work(tmp_path):
