@@ -33,13 +33,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from common.fsutil import (  # noqa: F401  (the ERR_OUT_* texts are re-exported for messages and tests)
+from common.fsutil import (  # noqa: F401  (the ERR_OUT_*/ERR_IN_* texts are re-exported for messages and tests)
+    ERR_IN_NOT_FILE,
     ERR_OUT_IS_INPUT,
     ERR_OUT_NO_PARENT,
     ERR_OUT_NOT_FILE,
     ERR_OUT_SYMLINK,
+    UnsafeInputError,
     UnsafeOutputError,
     atomic_output,
+    check_input_file,
     check_output_file,
 )
 
@@ -81,7 +84,10 @@ ERR_WRONG_PASSPHRASE = "{file}: wrong passphrase (the key-check value does not m
 ERR_KDF_MISMATCH = "{file}: wrong kind of key: the container was encrypted with a {need}, but a {got} was given"
 ERR_CORRUPT = "{file}: corrupted at chunk {index} (authentication failed)"
 ERR_INPUT_CHANGED = "{file}: changed size while being encrypted; nothing was written"
-ERR_NOT_REGULAR = "{file}: not a regular file; encrypt reads a file of known size"
+# what each input must be, for ERR_IN_NOT_FILE (a FIFO, a device or a directory is refused before it is opened)
+EXPECT_PLAINTEXT = "a dataset file (CSV, TSV, JSONL or Parquet) to encrypt"
+EXPECT_CONTAINER = "a fedpriv container (written by `fedpriv dataset encrypt`)"
+EXPECT_KEY_FILE = "a key file (written by `fedpriv dataset keygen`)"
 ERR_KEY_FILE = "{file}: not a fedpriv key file (expected a '{label}' line and a line of 32 base64-encoded bytes)"
 ERR_KEY_FILE_UNREADABLE = "{file}: cannot read key file ({reason})"
 ERR_KEY_EXISTS = "{file}: already exists; refusing to overwrite a key file"
@@ -127,6 +133,14 @@ class CorruptedChunkError(ContainerError):
 
 class InputChangedError(ContainerError):
     """The file being encrypted is not a regular file or changed size while being read."""
+
+
+def _check_input(path: str | os.PathLike[str], *, expected: str, error: type[Exception]) -> None:
+    """:func:`common.fsutil.check_input_file`, raising ``error`` (the exception its callers already handle)."""
+    try:
+        check_input_file(path, expected=expected)
+    except UnsafeInputError as exc:
+        raise error(str(exc)) from None
 
 
 class KeySourceError(ValueError):
@@ -242,6 +256,7 @@ def read_key_file(path: str | os.PathLike[str]) -> bytes:
     """
     path = Path(path)
     try:
+        _check_input(path, expected=EXPECT_KEY_FILE, error=KeySourceError)  # a FIFO would block, /dev/zero never end
         with open(path, "rb") as f:
             mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
             if mode & 0o077:
@@ -522,15 +537,16 @@ def encrypt_file(in_path: str | os.PathLike[str], out_path: str | os.PathLike[st
     Memory use is two chunks whatever the file size. ``inner_name`` defaults to ``data<suffix of in_path>``
     (e.g. ``data.csv``): the format hint without the original name, since the header is readable without
     the key. Raises :class:`InputChangedError` (and leaves nothing behind) if the input is not a regular file
-    or changes size while being read.
+    (checked before it is opened: a FIFO would block) or changes size while being read.
     """
     in_path, out_path = Path(in_path), Path(out_path)
     check_output(out_path, inputs=(("the input", in_path), ("the key file", key_source.key_file)))
+    _check_input(in_path, expected=EXPECT_PLAINTEXT, error=InputChangedError)
     name = _format_hint(in_path) if inner_name is None else inner_name
     with open(in_path, "rb", buffering=0) as src:
         st = os.fstat(src.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise InputChangedError(ERR_NOT_REGULAR.format(file=in_path))
+        if not stat.S_ISREG(st.st_mode):  # replaced between the check and the open
+            raise InputChangedError(ERR_INPUT_CHANGED.format(file=in_path))
         size = st.st_size
         header, aead = _seal(key_source, chunk_size=chunk_size, plaintext_size=size, inner_name=name)
         buf = memoryview(bytearray(min(chunk_size, size)))
@@ -563,6 +579,7 @@ class _Input:
             self.name, self.size = "<memory>", len(self._view)
         else:
             self._view = None
+            _check_input(src, expected=EXPECT_CONTAINER, error=NotAContainerError)
             self._file = open(src, "rb", buffering=0)  # closed in close()
             self.name, self.size = str(src), os.fstat(self._file.fileno()).st_size
 
@@ -748,8 +765,18 @@ def check_output(out: str | os.PathLike[str], *, inputs, refuse_containers: bool
     return path
 
 
+def _is_regular(path: str | os.PathLike[str]) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def is_key_file(path: str | os.PathLike[str]) -> bool:
-    """True when the file starts with the key-file label line (no permission or format check)."""
+    """True when the file is a regular file starting with the key-file label line (no permission or format
+    check). Anything else is not opened: a FIFO would block."""
+    if not _is_regular(path):
+        return False
     try:
         with open(path, "rb") as f:
             return f.read(len(KEY_FILE_LABEL) + 1) == KEY_FILE_LABEL.encode("ascii") + b"\n"
@@ -758,7 +785,10 @@ def is_key_file(path: str | os.PathLike[str]) -> bool:
 
 
 def is_container(path: str | os.PathLike[str]) -> bool:
-    """True when the file starts with the fedpriv magic bytes (nothing else is checked; no key needed)."""
+    """True when the file is a regular file starting with the fedpriv magic bytes (nothing else is checked; no
+    key needed). Anything else is not opened: a FIFO would block."""
+    if not _is_regular(path):
+        return False
     try:
         with open(path, "rb") as f:
             return f.read(len(MAGIC)) == MAGIC

@@ -142,3 +142,26 @@ def check_output_file(path: str | Path, *, inputs: Iterable[tuple[str, str | Pat
         raise UnsafeOutputError(ERR_OUT_PARENT_NOT_DIR.format(out=path, parent=parent))
     return path
 
+
+# ------------------------------------------------------------------------------------------- input checks
+
+ERR_IN_NOT_FILE = "{inp}: is {kind}, not a regular file; expected {expected}"
+
+
+class UnsafeInputError(ValueError):
+    """An input path is not a regular file: reading it could block forever (a FIFO), never end (a device such
+    as ``/dev/zero``) or fail halfway (a directory)."""
+
+
+def check_input_file(path: str | Path, *, expected: str) -> Path:
+    """Refuse, without opening it, an input that is not a regular file (a symbolic link is followed).
+
+    Raises :class:`UnsafeInputError` (one line naming the path, what it is and ``expected``, e.g. ``"a dataset
+    file (CSV, TSV, JSONL or Parquet)"``); a missing path raises :class:`FileNotFoundError` as ``open`` would.
+    Returns ``path`` as a :class:`Path`.
+    """
+    path = Path(path)
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise UnsafeInputError(ERR_IN_NOT_FILE.format(inp=path, kind=_kind(mode), expected=expected))
+    return path

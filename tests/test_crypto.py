@@ -414,7 +414,8 @@ def test_encrypt_file_records_only_the_suffix_and_inspect_needs_no_key(tmp_path:
 def test_encrypt_file_refuses_inputs_of_unknown_size(tmp_path: Path) -> None:
     with pytest.raises(crypto.InputChangedError) as info:
         crypto.encrypt_file("/dev/null", tmp_path / "out", key_source=KEY)
-    assert str(info.value) == crypto.ERR_NOT_REGULAR.format(file="/dev/null")
+    assert str(info.value) == crypto.ERR_IN_NOT_FILE.format(inp="/dev/null", kind="a character device",
+                                                            expected=crypto.EXPECT_PLAINTEXT)
     status = Path("/proc/self/status")  # a regular file whose stat size (0) is not its length
     if status.exists():
         with pytest.raises(crypto.InputChangedError) as info:

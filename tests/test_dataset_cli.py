@@ -3,11 +3,13 @@ the message constants), a non-zero exit, and nothing written."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -197,7 +199,8 @@ def test_encrypt_errors(files, capsys) -> None:
         (["encrypt", str(files["enc"]), str(out), "--key-file", key],
          cmd_dataset.ERR_ALREADY_CONTAINER.format(file=files["enc"])),
         (["encrypt", str(missing), str(out), "--key-file", key], cmd_dataset.ERR_NO_SUCH_FILE.format(file=missing)),
-        (["encrypt", "/dev/null", str(out), "--key-file", key], crypto.ERR_NOT_REGULAR.format(file="/dev/null")),
+        (["encrypt", "/dev/null", str(out), "--key-file", key],
+         crypto.ERR_IN_NOT_FILE.format(inp="/dev/null", kind="a character device", expected=crypto.EXPECT_PLAINTEXT)),
         (["decrypt", str(missing), str(out), "--key-file", key], cmd_dataset.ERR_NO_SUCH_FILE.format(file=missing)),
         (["inspect", str(missing)], cmd_dataset.ERR_NO_SUCH_FILE.format(file=missing)),
     ]
@@ -349,3 +352,66 @@ def test_key_file_readable_by_others_is_refused_by_every_command(files, capsys) 
         assert main(["dataset", *argv]) == 1
         one_error(capsys, message)
     assert not out.exists()
+
+
+# Issue 15: `dataset encrypt FIFO OUT` blocked forever (the FIFO was opened to sniff for a container).
+REFUSED_WITHIN_S = 10.0  # a refusal takes milliseconds; an opened FIFO blocks until a writer comes, i.e. forever
+
+
+def _main_unblocked(argv: list[str], fifo: Path) -> int:
+    """``main(argv)`` in a thread; if it is still running after REFUSED_WITHIN_S (blocked opening ``fifo``),
+    open the FIFO's writing end once so the reader sees end-of-file and the thread ends, then fail."""
+    result: dict[str, int] = {}
+    worker = threading.Thread(target=lambda: result.setdefault("code", main(argv)), daemon=True)
+    worker.start()
+    worker.join(REFUSED_WITHIN_S)
+    if worker.is_alive():
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(REFUSED_WITHIN_S)
+        pytest.fail(f"fedpriv dataset {' '.join(argv[1:])}: still blocked after {REFUSED_WITHIN_S} s")
+    return result["code"]
+
+
+INPUT_POSITIONS = {  # where the non-regular file goes ({x}), and what was expected there
+    "encrypt IN": (["encrypt", "{x}", "{out}", "--key-file", "{key}"], crypto.EXPECT_PLAINTEXT),
+    "decrypt IN": (["decrypt", "{x}", "{out}", "--key-file", "{key}"], crypto.EXPECT_CONTAINER),
+    "rekey IN": (["rekey", "{x}", "{out}", "--key-file", "{key}", "--new-key-file", "{key}"], crypto.EXPECT_CONTAINER),
+    "inspect FILE": (["inspect", "{x}"], crypto.EXPECT_CONTAINER),
+    "encrypt --key-file": (["encrypt", "{plain}", "{out}", "--key-file", "{x}"], crypto.EXPECT_KEY_FILE),
+    "decrypt --key-file": (["decrypt", "{enc}", "{out}", "--key-file", "{x}"], crypto.EXPECT_KEY_FILE),
+    "rekey --new-key-file": (["rekey", "{enc}", "{out}", "--key-file", "{key}", "--new-key-file", "{x}"],
+                             crypto.EXPECT_KEY_FILE),
+}
+
+
+@pytest.mark.parametrize("position", sorted(INPUT_POSITIONS))
+def test_an_input_that_is_not_a_regular_file_is_refused_before_it_is_opened(files, capsys, position) -> None:
+    """A FIFO (it would block), a device and a directory, as the data, the container or a key file: one line
+    naming the file, what it is and what was expected; nothing written."""
+    d = files["dir"]
+    fifo, directory = d / "pipe", d / "adir"
+    os.mkfifo(fifo)
+    directory.mkdir()
+    out = d / "out.bin"
+    template, expected = INPUT_POSITIONS[position]
+    for target, kind in ((fifo, "a FIFO (named pipe)"), (Path("/dev/null"), "a character device"),
+                         (directory, "a directory")):
+        values = {"x": target, "out": out, "key": files["key"], "plain": files["plain"], "enc": files["enc"]}
+        argv = ["dataset", *(a.format(**{k: str(v) for k, v in values.items()}) for a in template)]
+        capsys.readouterr()
+        assert _main_unblocked(argv, fifo) == 1, argv
+        one_error(capsys, crypto.ERR_IN_NOT_FILE.format(inp=target, kind=kind, expected=expected))
+        assert not out.exists() and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert sorted(p.name for p in d.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+
+
+def test_an_input_through_a_symbolic_link_is_still_read(files, capsys) -> None:
+    """Links are followed for inputs (only outputs refuse them): a link to the data or the container works."""
+    d = files["dir"]
+    (d / "plain-link").symlink_to(files["plain"])
+    (d / "enc-link").symlink_to(files["enc"])
+    assert main(["dataset", "encrypt", str(d / "plain-link"), str(d / "again.fpenc"), "--key-file",
+                 str(files["key"])]) == 0
+    capsys.readouterr()
+    assert main(["dataset", "decrypt", str(d / "enc-link"), "-", "--key-file", str(files["key"])]) == 0
