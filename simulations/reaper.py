@@ -40,6 +40,7 @@ QUIET_S = 1.0  # after the driver is gone: stop once no process of the run was s
 REAP_FOR_S = 30.0  # and give up after this long in any case
 STAND_DOWN_S = 10.0  # how long a driver that finished normally waits for its reaper to finish
 WRITE_MODES = frozenset({"w", "a", "r+", "a+"})
+REAPER_MODULE = "simulations.reaper"  # ``python -m`` name of the reaper; the driver's own cleanup spares it
 
 
 def ray_tmp_parent() -> str:
@@ -125,7 +126,7 @@ def reap_on_death(*, parent: str | Path | None = None) -> Iterator[Path]:
     env = {**os.environ,
            "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     try:
-        reaper = subprocess.Popen([sys.executable, "-m", "simulations.reaper", str(run_dir), str(os.getpid())],
+        reaper = subprocess.Popen([sys.executable, "-m", REAPER_MODULE, str(run_dir), str(os.getpid())],
                                   stdin=read_end, stdout=subprocess.DEVNULL, env=env, start_new_session=True)
     except BaseException:
         os.close(write_end)

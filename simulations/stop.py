@@ -32,6 +32,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from simulations.reaper import REAPER_MODULE
+
 GRACE_S = 0.5  # let the ServerApp thread and idle actors stop by themselves first
 HARD_STOP_S = 6.0  # then exit the process whatever is still running
 POLL_S = 0.1
@@ -107,12 +109,18 @@ def descendants() -> list[Any]:
 
 def kill_descendants(*, only_workers: bool = False, also: Iterable[Any] = ()) -> None:
     """SIGKILL every descendant (with ``only_workers``, just Ray worker processes: ``ray::`` titles), and the
-    processes in ``also`` (a snapshot taken before Ray shut down: its workers may have been re-parented)."""
+    processes in ``also`` (a snapshot taken before Ray shut down: its workers may have been re-parented).
+
+    The run's reaper (:mod:`simulations.reaper`) is spared: it must outlive this process to end whatever of the
+    run lost its parent before it could be killed here (e.g. after a second Ctrl-C's immediate exit)."""
     import psutil
 
     for proc in [*descendants(), *also]:
         try:
-            if only_workers and not " ".join(proc.cmdline()).startswith("ray::"):
+            cmdline = proc.cmdline()
+            if only_workers and not " ".join(cmdline).startswith("ray::"):
+                continue
+            if REAPER_MODULE in cmdline:
                 continue
             proc.kill()
         except psutil.Error:

@@ -176,3 +176,24 @@ def test_the_reaper_does_not_outlive_a_driver_that_started_nothing(tmp_path: Pat
         assert _wait_gone(reapers, GONE_WITHIN_S) == []
     finally:
         _stop(driver)
+
+
+def test_the_drivers_own_cleanup_spares_the_reaper(tmp_path: Path) -> None:
+    """Ctrl-C's cleanup (``kill_descendants``) ends the run's processes but not its reaper, which must outlive
+    the driver to end what lost its parent before the cleanup reached it (a second Ctrl-C exits at once)."""
+    import psutil
+
+    from simulations.stop import kill_descendants
+
+    with reap_on_death(parent=tmp_path) as run_dir:
+        worker = _start(SLEEP, log=run_dir / "worker.log")
+        reaper = [p for p in psutil.Process().children() if p.pid != worker.pid]
+        assert len(reaper) == 1 and "simulations.reaper" in reaper[0].cmdline()
+        try:
+            kill_descendants()
+            assert worker.wait(timeout=GONE_WITHIN_S) == -signal.SIGKILL
+            gone, alive = psutil.wait_procs([reaper[0]], timeout=1.0)  # a SIGKILL lands within that
+            assert alive == [reaper[0]] and reaper[0].status() != psutil.STATUS_ZOMBIE
+        finally:
+            _stop(worker)
+    assert _wait_gone([reaper[0].pid], GONE_WITHIN_S) == []
