@@ -5,8 +5,10 @@ alpha = 1, seed 0) with ``sst2/dev.tsv`` as the server-held ``--eval-data``, δ 
 
 * ``defaults`` (the default): nothing but the data flags, so the train part is ``auto`` and every training
   value comes from the recipe (docs/models.md): under DP the linear probe on the frozen, mean-pooled MiniLM,
-  without DP full fine-tuning. Each ε runs ``--repeats`` times with noise seeds 0..R-1 (the partition stays
-  seed 0) and the median is reported;
+  without DP full fine-tuning. Each ε runs ``--repeats`` times and the median is reported. The partition stays
+  seed 0; the DP noise is fresh OS entropy on every run, as a user gets it (``--noise-seeds`` makes the runs
+  reproducible instead: noise seeds 0..R-1, which each simulated node must then allow with
+  ``--allow-fixed-noise-seed``);
 * ``lora`` / ``full``: the same with ``--train-part lora`` / ``full`` and their large-batch DP recipes
   (slow on a CPU: hours for ``full``; see docs/measured-dp-utility.md for what was run).
 
@@ -52,6 +54,8 @@ def command(eps: float, repeat: int, args: argparse.Namespace, out: Path, train:
     cmd = [sys.executable, "-m", "fedpriv", "simulate", "--data", str(train),
            "--eval-data", str(Path(args.data_dir) / "dev.tsv"), "--text-col", "sentence", "--label-col", "label",
            "--nodes", "4", "--partition", "dirichlet", "--alpha", "1", "--seed", "0", "--out", str(out), "--quiet"]
+    if args.model != "minilm":
+        cmd += ["--model", args.model]
     if args.mode != "defaults":
         cmd += ["--train-part", args.mode]
     run_config = args.run_config
@@ -59,7 +63,9 @@ def command(eps: float, repeat: int, args: argparse.Namespace, out: Path, train:
         cmd.append("--no-dp")
     else:
         cmd += ["--epsilon", str(eps), "--delta", "1e-5"]
-        run_config = f"{run_config} noise-seed={repeat}".strip()
+        if args.noise_seeds:  # a node refuses a known noise seed unless its own config allows it (issue 13)
+            cmd.append("--allow-fixed-noise-seed")
+            run_config = f"{run_config} noise-seed={repeat}".strip()
     if run_config:
         cmd += ["--run-config", run_config]
     return cmd
@@ -77,11 +83,13 @@ def run_setting(eps: float, repeat: int, args: argparse.Namespace, tmp: Path, tr
     budget_ok = None
     if not math.isinf(eps) and last.get("epsilon"):
         budget_ok = all(v <= eps + 1e-9 for v in last["epsilon"].values())
+    # A failed run's last row is the untrained model's accuracy: report the failure, never that as a result.
+    ok = proc.returncode == 0
     return {
         "epsilon_budget": "inf" if math.isinf(eps) else eps,
         "repeat": repeat,
         "returncode": proc.returncode,
-        "eval_accuracy": last.get("eval_accuracy"),
+        "eval_accuracy": last.get("eval_accuracy") if ok else None,
         "eval_accuracy_by_round": [r.get("eval_accuracy") for r in rows],
         "epsilon_spent": last.get("epsilon"),
         "within_budget": budget_ok,
@@ -98,9 +106,12 @@ def run_setting(eps: float, repeat: int, args: argparse.Namespace, tmp: Path, tr
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "sst2"))
+    ap.add_argument("--model", default="minilm", help="the model (default: fedpriv's default, MiniLM)")
     ap.add_argument("--mode", choices=("defaults", "lora", "full"), default="defaults")
     ap.add_argument("--epsilons", default="1,3,8,inf")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per DP setting (noise seeds 0..R-1); median")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per DP setting; the median is reported")
+    ap.add_argument("--noise-seeds", action="store_true",
+                    help="reproducible noise: seeds 0..R-1, allowed by every simulated node's config")
     ap.add_argument("--train-size", type=int, default=0, help="subsample train.tsv to N rows (0: all)")
     ap.add_argument("--sample-seed", type=int, default=0)
     ap.add_argument("--run-config", default="")
@@ -122,15 +133,18 @@ def main() -> None:
                 runs.append(res)
             accs = [x["eval_accuracy"] for x in runs if x["eval_accuracy"] is not None]
             med = statistics.median(accs) if accs else None
+            failed = [x["repeat"] for x in runs if x["returncode"] != 0]
             summary.append({"epsilon_budget": runs[0]["epsilon_budget"], "runs": len(runs),
-                            "eval_accuracy_median": med, "eval_accuracies": accs,
-                            "target": TARGETS.get(eps), "target_met": None if med is None else med >= TARGETS.get(eps, 0),
+                            "failed_runs": failed, "eval_accuracy_median": med, "eval_accuracies": accs,
+                            "target": TARGETS.get(eps),
+                            "target_met": None if med is None or failed else med >= TARGETS.get(eps, 0),
                             "all_within_budget": all(x["within_budget"] is not False for x in runs),
                             "wall_seconds_median": statistics.median(x["wall_seconds"] for x in runs)})
             results.extend(runs)
     print(json.dumps({"benchmark": "privacy_utility", "dataset": "sst2", "nodes": 4, "partition": "dirichlet(1), seed 0",
                       "mode": args.mode, "delta": 1e-5, "train_rows": train_rows or "all",
-                      "run_config": args.run_config, "summary": summary, "results": results}, indent=2))
+                      "run_config": args.run_config, "noise": "seeds 0..R-1" if args.noise_seeds else "OS entropy",
+                      "summary": summary, "results": results}, indent=2))
 
 
 if __name__ == "__main__":
