@@ -146,7 +146,7 @@ class NodePrivacy:
 
         0 means no noise: exact counts when the node opted in (``share-exact-metrics``), else counts withheld.
         """
-        node_eps, asked = self.node.count_noise_epsilon, self.cfg.count_noise_epsilon
+        node_eps, asked = self.node.count_epsilon_per_round, self.cfg.count_noise_epsilon
         if node_eps > 0:
             return min(node_eps, asked) if asked > 0 else node_eps
         if self.node.share_exact_metrics and asked > 0:  # exact allowed, the coordinator asks for noise

@@ -35,7 +35,8 @@ ERR_NO_BEST = "no trial completed ({failed} failed); see trials.jsonl for the re
 
 def _count_noise_epsilon(opts, cfg) -> float:
     """ε of the simulated nodes' noised evaluation counts (0: exact or withheld): theirs, or less on request."""
-    node = opts.count_noise_epsilon if opts.count_noise_epsilon is not None else NodeConfig().count_noise_epsilon
+    node = (opts.count_noise_epsilon if opts.count_noise_epsilon is not None
+            else NodeConfig(epsilon=opts.epsilon).count_epsilon_per_round)
     return min(node, cfg.count_noise_epsilon) if node > 0 and cfg.count_noise_epsilon > 0 else node
 
 

@@ -215,12 +215,16 @@ def test_train_replies_carry_no_exact_statistics_by_default(node) -> None:
 def test_evaluation_counts_are_noised_and_ledgered_by_default(node) -> None:
     node.train()
     metrics, info = node.evaluate()
-    assert "loss-sum" not in metrics and info["count_noise_epsilon"] == 0.1
-    assert node.ledger()[-1]["kind"] == "count-noise" and node.ledger()[-1]["epsilon_release"] == 0.1
+    default = min(0.1, BUDGET / 80)  # count-noise-epsilon "auto": 1/80 of the budget a round, at most 0.1
+    assert "loss-sum" not in metrics and info["count_noise_epsilon"] == pytest.approx(default)
+    assert node.ledger()[-1]["kind"] == "count-noise"
+    assert node.ledger()[-1]["epsilon_release"] == pytest.approx(default)
     assert info["ledger_entry"]["hash"] == node.ledger()[-1]["hash"]
     # the coordinator may ask for more noise (a smaller ε), never for less
-    assert node.evaluate(rnd=2, count_noise_epsilon=0.05)[1]["count_noise_epsilon"] == 0.05
-    assert node.evaluate(rnd=3, count_noise_epsilon=5.0)[1]["count_noise_epsilon"] == 0.1
+    assert node.evaluate(rnd=2, count_noise_epsilon=default / 2)[1]["count_noise_epsilon"] == default / 2
+    assert node.evaluate(rnd=3, count_noise_epsilon=5.0)[1]["count_noise_epsilon"] == pytest.approx(default)
+    node.configure(count_noise_epsilon=0.2)  # the institution's own choice is honoured as it is
+    assert node.evaluate(rnd=4)[1]["count_noise_epsilon"] == 0.2
 
 
 def test_without_noise_or_opt_in_counts_are_withheld(node) -> None:
