@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -110,6 +111,110 @@ def test_printed_printf_writes_the_connection_file(tmp_path: Path, capsys) -> No
     cfg = tomllib.loads((tmp_path / "t" / "coordinator" / "flwr-home" / "config.toml").read_text())
     ca = str(tmp_path / "t" / "coordinator" / "certs" / "ca.crt")
     assert cfg == {"superlink": {"default": "fed", "fed": {"address": "127.0.0.1:8123", "root-certificates": ca}}}
+
+
+# ------------------------------------------------------------------------------- the single-machine trial
+
+TRIAL_BLOCK = re.compile(r"<!-- terminal: ([\w-]+) -->\n```sh\n(.*?)```", re.S)
+
+
+def _trial() -> list[tuple[int, str, str]]:
+    """The guide's single-machine trial as (step, terminal, commands), in order; step 0 is the set-up."""
+    text = GUIDE.read_text()
+    section = text[text.index("## Try it on one machine"):text.index("\n## Coordinator\n")]
+    blocks = list(TRIAL_BLOCK.finditer(section))
+    assert len(blocks) == section.count("```sh"), "a trial block without its <!-- terminal: NAME --> line"
+    out = []
+    for m in blocks:
+        steps = re.findall(r"^\*\*(\d+)\.", section[:m.start()], re.M)
+        out.append((int(steps[-1]) if steps else 0, m.group(1), m.group(2)))
+    return out
+
+
+def _guide_env(trial: Path) -> dict[str, str]:
+    """What the trial's set-up line gives every terminal: the venv's commands and ``T``."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONPATH": str(ROOT),
+           "T": str(trial), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("FLWR_HOME", None)
+    return env
+
+
+def _run_config(step: int, trial: Path) -> dict:
+    """The run config file that the step's ``printf`` writes, parsed."""
+    block = next(c for s, _, c in _trial() if s == step and c.startswith("printf "))
+    printf = block.splitlines()[0]
+    (trial / "coordinator").mkdir(parents=True, exist_ok=True)  # step 1 made it
+    subprocess.run(["bash", "-c", printf], check=True, env=_guide_env(trial))
+    return tomllib.loads(Path(trial, printf.rsplit("> ", 1)[1].replace("$T/", "")).read_text())
+
+
+def test_every_trial_block_names_its_terminal() -> None:
+    terminals = [(s, term) for s, term, _ in _trial()]
+    assert terminals[0] == (0, "every")
+    assert {term for _, term in terminals} == {"every", "coordinator", "superlink", "site-a", "site-b", "site-c"}
+    assert [s for s, _ in terminals] == sorted(s for s, _ in terminals)
+    # the progress is watched in the logs: every run of the trial streams its ServerApp log
+    runs = [c for _, _, b in _trial() for c in _commands(b) if c.startswith("flwr run ")]
+    assert len(runs) == 3 and all(c.endswith(" --stream") for c in runs), runs
+
+
+def test_the_trials_audit_steps_pass_as_written(tmp_path: Path) -> None:
+    """Step 7's commands, run as written on real signed ledgers laid out as the trial leaves them."""
+    from tests.test_audit import RUN, make_run
+
+    trial = tmp_path / "fedpriv-trial"
+    built = make_run(tmp_path / "built", nodes=("site-a", "site-b"))
+    for site in ("site-a", "site-b"):  # each institution's state directory, and the coordinator's run directory
+        (trial / site).mkdir(parents=True)
+        shutil.move(built / "nodes" / site / "state", trial / site / "state")
+    shutil.rmtree(built / "nodes")
+    (trial / "coordinator" / "runs").mkdir(parents=True)
+    shutil.move(built, trial / "coordinator" / "runs" / "trial")
+    step7 = [(term, c) for s, term, c in _trial() if s == 7]
+    assert [term for term, _ in step7] == ["site-a", "site-b", "coordinator"]
+    for _, block in step7:
+        r = subprocess.run(["bash", "-e", "-c", block], env=_guide_env(trial), capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert "audit PASSED" in r.stdout, r.stdout
+    for site in ("site-a", "site-b"):  # the coverage line the guide quotes
+        line = f"{site}: 3 entries accounted (entries 0-2, runs {RUN}), 3 in this run's copy, claimed ε "
+        assert line in r.stdout, r.stdout
+    assert (trial / "coordinator" / "audit" / "audit.md").exists()
+
+
+def test_the_trials_first_run_leaves_budget_for_the_resume_run(tmp_path: Path, server_task) -> None:
+    """The guide's two run configs on one node with the guide's node budget: the second run still trains."""
+    from common.config import RunConfig
+    from common.model import ModelSpec, build_model, resolve_pooling, trainable_state
+    from simulations.runner import SimOptions, prepare_nodes
+    from tests.test_node_privacy import Node
+
+    first, second = _run_config(6, tmp_path), _run_config(8, tmp_path)
+    node = next(c for s, term, b in _trial() if s == 5 and term == "site-a" for c in _commands(b)
+                if c.startswith("flower-supernode"))
+    words = shlex.split(node.replace("'$T'", "/t"))
+    node_cfg = dict(kv.split("=", 1) for kv in shlex.split(words[words.index("--node-config") + 1]))
+    cfg = RunConfig(model=first["model"], labels=first["labels"], num_server_rounds=first["num-server-rounds"],
+                    out=str(tmp_path / "run"))
+    cfg, nodes_dir = prepare_nodes(cfg, SimOptions(nodes=1, synthetic_size=300, epsilon=float(node_cfg["epsilon"]),
+                                                   delta=float(node_cfg["delta"])), tmp_path / "run")
+    cfg = cfg.resolved()
+    cfg = cfg.replace(pooling=resolve_pooling(cfg.pooling, cfg.model))
+    arrays = trainable_state(build_model(ModelSpec(source="tiny", labels=tuple(cfg.label_names),
+                                                   train_part=cfg.train_part, top_k_layers=cfg.top_k_layers,
+                                                   pooling=cfg.pooling)))
+    site = Node(cfg, nodes_dir, arrays)
+    site.configure(share_cleaning_counts=False)  # the trial's node config: only the keys step 5 sets
+    asked = float(first.get("epsilon", 0.0))  # 0: the node's whole budget
+    for rnd in range(1, first["num-server-rounds"] + 1):
+        _, info = site.train(run="first", rnd=rnd, epsilon=asked)
+        assert info["status"] == "ok", info
+        assert "error" not in site.evaluate(run="first", rnd=rnd, epsilon=asked)[1]
+    assert site.ledger()[-1]["epsilon"] <= (asked or float(node_cfg["epsilon"]))
+    _, info = site.train(run="second", rnd=1, epsilon=float(second.get("epsilon", 0.0)))
+    assert info["status"] == "ok", info  # not "refusing to train: the target ε=... is already used up"
 
 
 # ------------------------------------------------------------------------------------------ real processes
@@ -250,3 +355,4 @@ def test_printed_commands_run_a_federation_and_refuse_an_unregistered_node(tmp_p
     finally:
         sh.stop_all()
     assert all(p.returncode is not None for p in sh.procs.values())
+
