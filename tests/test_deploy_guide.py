@@ -356,3 +356,192 @@ def test_printed_commands_run_a_federation_and_refuse_an_unregistered_node(tmp_p
         sh.stop_all()
     assert all(p.returncode is not None for p in sh.procs.values())
 
+
+# ------------------------------------------------------------------------- the trial, followed to the letter
+
+TRIAL_LAYOUT = [(0, "every"), (1, "coordinator"), (2, "superlink"), (3, "site-a"), (3, "site-b"), (4, "coordinator"),
+                (5, "site-a"), (5, "site-b"), (6, "coordinator"), (7, "site-a"), (7, "site-b"), (7, "coordinator"),
+                (8, "coordinator"), (8, "superlink"), (8, "coordinator"), (8, "site-a"), (8, "site-b"),
+                (8, "coordinator"), (9, "site-c")]
+
+
+def _logical(block: str) -> list[str]:
+    """A block's commands as a shell reads them: continuation lines joined."""
+    out, pending = [], ""
+    for line in block.splitlines():
+        pending += line + "\n"
+        if not line.endswith("\\"):
+            out.append(pending.rstrip("\n"))
+            pending = ""
+    return [c for c in out if c.strip()]
+
+
+def _is_service(command: str) -> bool:
+    """A command that keeps its terminal: the SuperLink, or a SuperNode that retries forever."""
+    return command.startswith(("flower-superlink", "flower-supernode")) and "--max-retries" not in command
+
+
+class _Terminals(_Shells):
+    """The trial's terminals. Each keeps its exports and directory from block to block, as a shell does; a
+    service (or a stream watched while something else happens) runs in its own process group."""
+
+    def _state(self, term: str) -> Path:
+        return self.logdir / f"{term}.state"
+
+    def _prelude(self, term: str) -> str:
+        st = self._state(term)
+        return f"source {shlex.quote(str(st))}" if st.exists() else f"cd {shlex.quote(str(ROOT))}"
+
+    def paste(self, term: str, commands: str, timeout: float = 900) -> str:
+        """Paste ``commands`` into terminal ``term``; return what it printed (colour codes removed)."""
+        st = shlex.quote(str(self._state(term)))
+        script = (self._prelude(term) + "\n" + commands
+                  + f'\nrc=$?\n{{ export -p; echo cd "$(pwd)"; }} > {st}.new && mv {st}.new {st}\nexit $rc\n')
+        r = subprocess.run(["bash", "-c", script], env=self.env, capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL)
+        out = ANSI.sub("", r.stdout + r.stderr)
+        with open(self.logdir / f"{term}.transcript", "a") as f:
+            f.write(f"$ {commands}\n{out}[rc={r.returncode}]\n")
+        return out
+
+    def start_in(self, term: str, name: str, command: str) -> subprocess.Popen:
+        return self.start(name, self._prelude(term), command)
+
+    def wait_for(self, name: str, text: str, timeout: float = 300) -> None:
+        end = time.monotonic() + timeout
+        while text not in self.log(name):
+            p = self.procs[name]
+            assert p.poll() is None, f"{name} exited ({p.returncode}) before {text!r}:\n{self.log(name)[-3000:]}"
+            assert time.monotonic() < end, f"no {text!r} in {name}:\n{self.log(name)[-3000:]}"
+            time.sleep(1.0)
+
+    def ctrl_c(self, name: str, timeout: float = 30) -> int:
+        """Ctrl-C in the service's terminal, again if it waits for connections (as the guide says)."""
+        p = self.procs[name]
+        for _ in range(2):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGINT)
+                try:
+                    return p.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    pass
+        os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail(f"{name} did not stop on Ctrl-C twice:\n{self.log(name)[-3000:]}")
+
+
+@pytest.mark.slow
+def test_the_single_machine_trial_works_verbatim(tmp_path: Path) -> None:
+    """docs/deploy.md's trial, every block pasted as written into its terminal (only the ports are free ones):
+    the run's progress and its resume after a `kill -9` of the SuperLink show in the logs, both audits pass,
+    the unregistered node is refused with the lines the guide quotes."""
+    if not (ROOT / ".venv" / "bin" / "activate").exists():
+        pytest.skip("the trial activates the checkout's .venv (make test creates it)")
+    blocks = _trial()
+    assert [(s, term) for s, term, _ in blocks] == TRIAL_LAYOUT
+    ports = {"8000": _free_port(), "9201": _free_port(), "9202": _free_port(), "9203": _free_port()}
+    blocks = [(s, term, re.sub(r"\b(8000|9201|9202|9203)\b", lambda m: str(ports[m.group(1)]), b))
+              for s, term, b in blocks]
+    env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "COLUMNS": "200",
+           "PATH": os.environ.get("PATH", "")}
+    for var in ("FLWR_HOME", "T", "VIRTUAL_ENV", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"):
+        env.pop(var, None)
+    sh = _Terminals(env, tmp_path)
+    trial = tmp_path / "fedpriv-trial"
+    step = iter(b for _, _, b in blocks)
+
+    def services(term: str, block: str, name: str) -> None:
+        cmds = _logical(block)
+        before = [c for c in cmds if not _is_service(c)]
+        if before:
+            sh.paste(term, "\n".join(before))
+        service = [c for c in cmds if _is_service(c)]
+        assert len(service) == 1 and cmds[-1] == service[0], block
+        sh.start_in(term, name, service[0])
+
+    try:
+        every = next(step)
+        for term in ("coordinator", "superlink", "site-a", "site-b", "site-c"):
+            sh.paste(term, every)
+        out = sh.paste("coordinator", next(step))  # 1
+        fingerprint = re.search(r"CA SHA-256 fingerprint: ([0-9A-F:]+)", out).group(1)
+        services("superlink", next(step), "superlink")  # 2
+        sh.wait_for("superlink", "Starting Flower SuperExec")
+        for site in ("site-a", "site-b"):  # 3
+            out = sh.paste(site, next(step))
+            assert f"sha256 Fingerprint={fingerprint}" in out and (trial / site / "data.fpenc").exists(), out
+        out = sh.paste("coordinator", next(step))  # 4
+        assert out.count("registered successfully") == 2, out
+        for site in ("site-a", "site-b"):  # 5
+            services(site, next(step), site)
+        end = time.monotonic() + 300
+        while out.count('"status": "online"') < 2:
+            assert time.monotonic() < end, sh.log("site-a")[-3000:] + sh.log("site-b")[-3000:]
+            time.sleep(2.0)
+            out = sh.paste("coordinator", "flwr supernode list fed --format json")
+
+        # 6: the run's progress, in the coordinator's stream and in each SuperNode's output
+        out = sh.paste("coordinator", next(step))
+        assert "Successfully started run" in out, out
+        run1 = re.search(r"fedpriv\.server: run=(\w+) starting in ", out).group(1)
+        for r in (1, 2, 3):
+            assert f"run={run1} round={r} node=site-a trained n=240 eps=" in out, out[-3000:]
+            assert f"run={run1} round={r} status=ok" in out, out[-3000:]
+            for site in ("site-a", "site-b"):
+                assert f"fedpriv.client: run={run1} round={r} node={site} trained n=240 steps=" in sh.log(site)
+        assert "finished:completed" in out and f"run {run1} in {trial}/coordinator/runs/trial: 3/3 rounds (finished)" \
+            in out, out[-3000:]
+        assert (trial / "coordinator" / "runs" / "trial" / "report.md").exists()
+
+        # 7: each institution sends its files; the audit passes and says what it covered
+        for term in ("site-a", "site-b", "coordinator"):
+            out = sh.paste(term, next(step))
+        assert "audit PASSED" in out, out
+        assert re.search(rf"^site-a: 6 entries accounted \(entries 0-5, runs {run1}\), 6 in this run's copy, ", out,
+                         re.M), out
+
+        # 8: a second run; the SuperLink is killed (-9) once round 1 is in, restarted, and the run resumes
+        printf, flwr_run = _logical(next(step))
+        sh.paste("coordinator", printf)
+        sh.start_in("coordinator", "stream", flwr_run)
+        sh.wait_for("stream", "round=1 status=ok")
+        run2 = re.search(r"fedpriv\.server: run=(\w+) starting in ", sh.log("stream")).group(1)
+        assert run2 != run1
+        os.kill(sh.procs["superlink"].pid, signal.SIGKILL)
+        # reaped at once, as by the terminal's shell: Flower's SuperExec and ServerApp watch their parent's PID, and
+        # a dead but unreaped SuperLink would keep the old ServerApp running the run beside the resumed one
+        sh.procs["superlink"].wait(timeout=30)
+        assert sh.procs["stream"].wait(timeout=120) != 0
+        assert "Connection to the SuperLink is unavailable" in sh.log("stream"), sh.log("stream")[-3000:]
+        services("superlink", next(step), "superlink-again")
+        sh.wait_for("superlink-again", "Starting Flower SuperExec")
+        out = sh.paste("coordinator", next(step))
+        resumed = re.search(rf"run={run2} resuming after round (\d+) from ", out)
+        assert resumed, out[-3000:]
+        after = int(resumed.group(1))
+        assert after >= 1 and "round=1 status=ok" not in out
+        for r in range(after + 1, 4):
+            assert f"run={run2} round={r} status=ok" in out, out[-3000:]
+        assert f"run {run2} in {trial}/coordinator/runs/resume: 3/3 rounds (finished)" in out, out[-3000:]
+        for site in ("site-a", "site-b"):  # every round once per node: trained, or re-sent after the restart
+            for r in (1, 2, 3):
+                assert re.search(rf"run={run2} round={r} node={site} (trained|re-sent its stored update for this "
+                                 r"round \(no new training, no new ε\))", sh.log(site)), sh.log(site)[-3000:]
+        for term in ("site-a", "site-b", "coordinator"):
+            out = sh.paste(term, next(step))
+        assert "audit PASSED" in out, out
+        runs = ", ".join(sorted((run1, run2)))
+        assert re.search(rf"^site-b: 12 entries accounted \(entries 0-11, runs {runs}\), 6 in this run's copy, ",
+                         out, re.M), out
+
+        # 9: an unregistered node is refused; the SuperLink's log names the key
+        out = sh.paste("site-c", next(step), timeout=180)
+        assert "Exit Code: 305" in out and "Failed to activate SuperNode." in out, out[-3000:]
+        assert "exception: No SuperNode found with the given public key." in sh.log("superlink-again")
+        assert next(step, None) is None
+
+        # clean up: Ctrl-C in each terminal
+        for name in ("site-a", "site-b", "superlink-again"):
+            sh.ctrl_c(name)
+        assert not (trial / "coordinator" / "flwr-home" / "local-superlink").exists()
+    finally:
+        sh.stop_all()
