@@ -222,6 +222,7 @@ def _audit_node(rep: AuditReport, led: Path, facts: _RunFacts, *, run_dir: Path,
     _check_coverage(rep, node, accounting)
     per_entry, last = _recompute(rep, node, accounting)
     rep.nodes[node] = {"entries": len(entries), "entries_this_run": len(this_run),
+                       "accounted_count": len(accounting),
                        "accounted_entries": [accounting[0].get("index"), accounting[-1].get("index")] if accounting
                        else None,
                        "accounted_runs": sorted({str(e.get("run")) for e in accounting if e.get("run") is not None}),
@@ -333,6 +334,16 @@ def _check_mechanism(rep: AuditReport, node: str, this_run: list[dict[str, Any]]
     if this_run and len(rep.failures) == bad:
         rep.findings.append(Finding("mechanism", node, "secret noise, sample rates and steps match what was "
                                                        "accounted", ok=True))
+
+
+def coverage(info: dict[str, Any]) -> str:
+    """What a node's recomputation covered, in words: ``12 entries accounted (entries 0-11, runs a, b), 6 in this
+    run's copy``. The run directory's copy holds only this run's entries; the count accounted is the node's."""
+    covered = info.get("accounted_entries")
+    if not covered:
+        return f"{info.get('entries')} entries"
+    return (f"{info.get('accounted_count')} entries accounted (entries {covered[0]}-{covered[1]}, runs "
+            f"{', '.join(info.get('accounted_runs') or [])}), {info.get('entries')} in this run's copy")
 
 
 def _check_coverage(rep: AuditReport, node: str, accounting: list[dict[str, Any]]) -> None:
@@ -461,7 +472,7 @@ def write_reports(rep: AuditReport, *, json_out: Path | None, html_out: Path | N
         plt.close(fig)
     md = [f"# Privacy audit of `{rep.run_dir}`", "",
           f"**Result: {'PASSED' if rep.passed else 'FAILED'}** ({len(rep.failures)} failed checks; "
-          f"budgets held to the {HELD_TO_BUDGET} recomputation, zero slack)", "", "| node | entries | claimed ε | Opacus RDP | Opacus PRV | dp-accounting PLD | budget |",
+          f"budgets held to the {HELD_TO_BUDGET} recomputation, zero slack)", "", "| node | entries accounted | claimed ε | Opacus RDP | Opacus PRV | dp-accounting PLD | budget |",
           "|---|---|---|---|---|---|---|"]
     for node, info in sorted(rep.nodes.items()):
         r = info.get("recomputed_final") or {}
@@ -469,7 +480,7 @@ def write_reports(rep: AuditReport, *, json_out: Path | None, html_out: Path | N
         def f(v):
             return "—" if v is None else f"{v:.4f}"
 
-        md.append(f"| {md_escape(node)} | {info.get('entries')} | {f(info.get('claimed_final'))} | {f(r.get('opacus_rdp'))} | "
+        md.append(f"| {md_escape(node)} | {md_escape(coverage(info))} | {f(info.get('claimed_final'))} | {f(r.get('opacus_rdp'))} | "
                   f"{f(r.get('opacus_prv'))} | {f(r.get('dp_accounting_pld'))} | {f(info.get('budget'))} |")
     md += ["", "## Checks", ""] + [f"- {md_escape(x)}" for x in rep.findings]
     if chart:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from audit.run import audit_run, write_reports
+from audit.run import audit_run, coverage, write_reports
 
 
 def register(sub) -> None:
@@ -35,10 +35,7 @@ def run(args: argparse.Namespace) -> int:
     for node, info in sorted(rep.nodes.items()):
         r = info.get("recomputed_final") or {}
         claimed = info.get("claimed_final")
-        covered = info.get("accounted_entries")
-        scope = (f" (entries {covered[0]}-{covered[1]}, runs {', '.join(info.get('accounted_runs') or [])})"
-                 if covered else "")
-        print(f"{node}: {info.get('entries')} entries{scope}, claimed ε "
+        print(f"{node}: {coverage(info)}, claimed ε "
               f"{claimed if claimed is None else round(claimed, 4)}, "
               + ", ".join(f"{k} {v:.4f}" for k, v in r.items())
               + (f"; budget {info['budget']:g} held to {info['held_to_budget']}" if info.get("budget") is not None

@@ -47,7 +47,7 @@ from server.rounds import (
     wait_for_nodes,
 )
 from server.rows import RoundRow
-from server.rundir import RunDir, new_run_id
+from server.rundir import LOCK_WAIT_S, RunDir, new_run_id
 from server.selection import Selection, resolve_metric
 
 log = logging.getLogger("fedpriv.server")
@@ -158,8 +158,12 @@ def _finish(cfg: RunConfig, rundir: RunDir, run: RunState, model, spec: ModelSpe
 
 
 def run_federation(grid, cfg: RunConfig, *, progress: Progress | None = None,
-                   wait_timeout: float = 300.0) -> RunSummary:
-    """Run (or resume) the federation described by ``cfg`` on ``grid``; write everything to ``cfg.out``."""
+                   wait_timeout: float = 300.0, lock_wait: float = LOCK_WAIT_S) -> RunSummary:
+    """Run (or resume) the federation described by ``cfg`` on ``grid``; write everything to ``cfg.out``.
+
+    Only one process writes a run directory: another holder is waited for up to ``lock_wait`` seconds, then
+    :class:`server.rundir.RunDirBusy` is raised before anything is written.
+    """
     if not cfg.label_names or len(cfg.label_names) < 2:
         raise ConfigError(ERR_NO_LABELS)
     emit = progress or (lambda event, payload: None)
@@ -168,6 +172,16 @@ def run_federation(grid, cfg: RunConfig, *, progress: Progress | None = None,
     cfg = cfg.resolved()
     cfg = cfg.replace(pooling=resolve_pooling(cfg.pooling, cfg.model))
     rundir = RunDir(cfg.out)
+    def waiting(holder: str) -> None:
+        log.warning("waiting up to %.0f s for %s: it is held by %s (a failed run's ServerApp still exiting?)",
+                    lock_wait, rundir.path, holder)
+
+    with rundir.exclusive(wait=lock_wait, on_wait=waiting):
+        return _run_locked(grid, cfg, rundir, emit, wait_timeout=wait_timeout)
+
+
+def _run_locked(grid, cfg: RunConfig, rundir: RunDir, emit: Progress, *, wait_timeout: float) -> RunSummary:
+    """:func:`run_federation` while this process holds ``rundir``."""
     spec = ModelSpec(source=cfg.model, labels=tuple(cfg.label_names), train_part=cfg.train_part,
                      top_k_layers=cfg.top_k_layers, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                      pooling=cfg.pooling)

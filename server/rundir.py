@@ -5,6 +5,7 @@ Layout::
     RUN_DIR/
       .fedpriv-run           marker: this directory was created by fedpriv (only such a directory may be
                              deleted by ``fedpriv simulate --fresh``)
+      .fedpriv-lock          held (flock) by the one ServerApp writing the directory; names its pid and host
       config.json            resolved RunConfig (plus run id)
       metrics.jsonl          one JSON object per completed round
       checkpoint/state.json  the commit point: round, run id, arrays file, strategy/accountant state
@@ -21,9 +22,14 @@ the two steps never leaves a half-recorded round.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
+import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +40,16 @@ from server.rows import RoundRow
 
 RUN_MARKER = ".fedpriv-run"
 MARKER_TEXT = "This directory is a fedpriv run directory; `fedpriv simulate --fresh` may delete it.\n"
+LOCK_FILE = ".fedpriv-lock"
+LOCK_WAIT_S = 60.0  # how long a ServerApp waits for the directory: a failed run's ServerApp takes seconds to exit
+ERR_BUSY = ("{path} is in use by another fedpriv ServerApp ({holder}): two ServerApps would record the same rounds "
+            "twice. After a SuperLink restart the failed run's ServerApp may still be running: `flwr ls` shows its "
+            "Flower run `running`; let it finish (`flwr log FLOWER_RUN_ID`) or stop it (`flwr stop FLOWER_RUN_ID`), "
+            "then start this run again.")
+
+
+class RunDirBusy(RuntimeError):
+    """Another process holds the run directory (:meth:`RunDir.exclusive`)."""
 
 
 class RunDir:
@@ -58,6 +74,39 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.marker_path, MARKER_TEXT)
         return self.is_marked()
+
+    # ------------------------------------------------------------------------------------ one writer
+    @contextmanager
+    def exclusive(self, *, wait: float = 0.0, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+        """Hold the directory for this process, waiting up to ``wait`` seconds for another holder to let go;
+        then raise :class:`RunDirBusy` naming the holder. ``on_wait(holder)`` is called once if it waits.
+
+        An advisory ``flock`` on ``.fedpriv-lock``: the kernel drops it when the holder exits, even on SIGKILL,
+        so a crashed run never leaves a stale lock. It keeps a second ServerApp (say, the old one of a run whose
+        SuperLink was killed and restarted, beside the resumed one) from appending the same rounds again. The
+        wait covers the seconds a failed run's ServerApp takes to exit after its SuperLink died.
+        """
+        self.mark()  # before the lock file exists: a new directory is still claimed as fedpriv's
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "holder unknown"
+                    if time.monotonic() >= deadline:
+                        raise RunDirBusy(ERR_BUSY.format(path=self.path, holder=holder)) from None
+                    if on_wait is not None:
+                        on_wait(holder)
+                        on_wait = None
+                    time.sleep(0.5)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     # ------------------------------------------------------------------------------------ paths
     @property

@@ -19,30 +19,31 @@ SIGMA, Q, STEPS, DELTA = 1.0, 0.05, 40, 1e-5
 N, BATCH = 640, 32  # q = 1/ceil(N/BATCH) = Q
 
 
-def _entry(r: int, eps: float, *, sigma: float = SIGMA, budget: float = 8.0) -> dict:
-    return {"schema": 1, "kind": "dp-sgd", "run": RUN, "round": r, "node": "node-0", "dataset": "d" * 64,
+def _entry(r: int, eps: float, *, sigma: float = SIGMA, budget: float = 8.0, node: str = "node-0") -> dict:
+    return {"schema": 1, "kind": "dp-sgd", "run": RUN, "round": r, "node": node, "dataset": "d" * 64,
             "accountant": "prv", "delta": DELTA, "noise_multiplier": sigma, "sample_rate": Q, "steps": STEPS,
             "clipping_norm": 1.0, "epsilon": eps, "epsilon_round": 0.0, "budget_epsilon": budget,
             "noise_seed": None, "num_examples": N, "batch_size": BATCH, "epochs": 2, "steps_executed": STEPS,
             "time": "2026-11-28T00:00:00+00:00"}
 
 
-def make_run(tmp: Path, *, rounds: int = 3, budget: float = 8.0, sigma: float = SIGMA) -> Path:
-    """A run directory as `fedpriv simulate` leaves it: config, metrics, server copy + node copy of a ledger."""
+def make_run(tmp: Path, *, rounds: int = 3, budget: float = 8.0, sigma: float = SIGMA,
+             nodes: tuple[str, ...] = ("node-0",)) -> Path:
+    """A run directory as `fedpriv simulate` leaves it: config, metrics, server copy + node copy of each ledger."""
     run = tmp / "run"
     (run / "ledgers").mkdir(parents=True)
-    state = run / "nodes" / "node-0" / "state"
-    key = load_or_create_node_key(state)
-    led = Ledger(state / "ledger.jsonl", key)
-    rows = []
-    for r in range(1, rounds + 1):
-        eps = compute_epsilon([DpSgdRelease(sigma, Q, STEPS)] * r, delta=DELTA, accountant="prv")
-        entry = led.append(_entry(r, eps, sigma=sigma, budget=budget))
-        rows.append({"round": r, "status": "ok", "nodes": {"node-0": {"status": "ok", "epsilon": eps,
-                                                                      "num-examples": N}}})
-        with open(run / "ledgers" / "node-0.jsonl", "ab") as f:
-            f.write(canonical(entry) + b"\n")
-    (run / "ledgers" / "node-0.pub").write_bytes((state / "node_ed25519.pub").read_bytes())
+    rows = [{"round": r, "status": "ok", "nodes": {}} for r in range(1, rounds + 1)]
+    for node in nodes:
+        state = run / "nodes" / node / "state"
+        key = load_or_create_node_key(state)
+        led = Ledger(state / "ledger.jsonl", key)
+        for r, row in enumerate(rows, start=1):
+            eps = compute_epsilon([DpSgdRelease(sigma, Q, STEPS)] * r, delta=DELTA, accountant="prv")
+            entry = led.append(_entry(r, eps, sigma=sigma, budget=budget, node=node))
+            row["nodes"][node] = {"status": "ok", "epsilon": eps, "num-examples": N}
+            with open(run / "ledgers" / f"{node}.jsonl", "ab") as f:
+                f.write(canonical(entry) + b"\n")
+        (run / "ledgers" / f"{node}.pub").write_bytes((state / "node_ed25519.pub").read_bytes())
     (run / "config.json").write_text(json.dumps({"fedpriv-run": RUN, "dp": True, "num-server-rounds": rounds,
                                                    "batch-size": BATCH}))
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -271,3 +272,15 @@ def test_a_run_directory_that_does_not_match_its_ledgers_fails(run: Path) -> Non
     assert {f.check for f in rep.failures} >= {"run", "mechanism"}
     assert any("fixed noise seed 12345" in f.message for f in rep.failures)  # checked on every accounted entry
     assert any("metrics.jsonl is missing" in f.message for f in rep.failures)
+
+
+def test_the_printed_line_counts_what_was_accounted_not_the_runs_copy(run: Path, capsys) -> None:
+    """A node that trained in an earlier run: the run directory holds 2 entries, the recomputation covers 3."""
+    _resign(run, lambda e: e.update(run="earlier-run" if e["round"] == 1 else RUN))
+    _write_server(run, _server_lines(run)[1:], also_node=False)  # the coordinator saw this run only
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][1:]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["audit", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"node-0: 3 entries accounted (entries 0-2, runs earlier-run, {RUN}), 2 in this run's copy, claimed ε " \
+        in out, out

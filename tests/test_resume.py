@@ -5,6 +5,7 @@ ledger. No Ray: the scripted grid of test_selection drives the real ClientApp tr
 from __future__ import annotations
 
 import json
+import logging
 import stat
 from pathlib import Path
 
@@ -138,7 +139,7 @@ def test_replay_store_file_from_another_round_is_not_taken(tmp_path: Path) -> No
 # ------------------------------------------------------------------------------------------ the train handler
 
 
-def test_train_handler_replays_a_released_round_without_training_or_spending(tmp_path, server_task) -> None:
+def test_train_handler_replays_a_released_round_without_training_or_spending(tmp_path, server_task, caplog) -> None:
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
     from client.app import handle_train
@@ -169,8 +170,18 @@ def test_train_handler_replays_a_released_round_without_training_or_spending(tmp
     ledger = nodes_dir / "node-0" / "state" / "ledger.jsonl"
     info1, arrays1 = ask(1)
     assert not info1.get("replayed") and len(_entries(ledger)) == 1
-    info2, arrays2 = ask(1)  # a resumed or replaying coordinator asks for round 1 again
+    fedpriv_log = logging.getLogger("fedpriv")  # in deployment it does not propagate to the root logger
+    fedpriv_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="fedpriv"):
+            info2, arrays2 = ask(1)  # a resumed or replaying coordinator asks for round 1 again
+    finally:
+        fedpriv_log.removeHandler(caplog.handler)
     assert info2.get("replayed") is True and info2["ledger_entry"] == info1["ledger_entry"]
+    # the SuperNode's line that docs/deploy.md tells the coordinator to look for after a resume
+    resent = "re-sent its stored update for this round (no new training, no new ε)"
+    assert f"run=run-x round=1 node=node-0 {resent}" in caplog.text, caplog.text
+    assert f"`{resent}`" in (Path(__file__).resolve().parents[1] / "docs" / "deploy.md").read_text()
     assert len(_entries(ledger)) == 1  # no second release, no ε spent
     for k in arrays1:
         np.testing.assert_array_equal(arrays1[k].numpy(), arrays2[k].numpy())

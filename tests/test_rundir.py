@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from server.rows import RoundRow
-from server.rundir import RunDir
+from server.rundir import ERR_BUSY, RunDir, RunDirBusy
 from server.status import summarise
 
 
@@ -109,3 +116,94 @@ def test_status_summarises_rounds_nodes_and_epsilon(tmp_path: Path) -> None:
 def test_status_rejects_non_run_directory(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a fedpriv run directory"):
         summarise(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- one writer
+
+_HOLD = ("import sys, time\nfrom server.rundir import RunDir\n"
+         "with RunDir(sys.argv[1]).exclusive():\n    print('held', flush=True)\n    time.sleep(120)\n")
+
+
+def _holder(path: Path) -> subprocess.Popen:
+    """Another process that holds ``path`` (as a second ServerApp would), once it printed ``held``."""
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.Popen([sys.executable, "-c", _HOLD, str(path)], stdout=subprocess.PIPE, text=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_a_second_process_cannot_hold_the_run_directory_until_the_first_dies(tmp_path: Path) -> None:
+    p = _holder(tmp_path)
+    try:
+        with pytest.raises(RunDirBusy) as err, RunDir(tmp_path).exclusive():
+            pass
+        assert str(err.value) == ERR_BUSY.format(path=tmp_path, holder=f"pid {p.pid} on {socket.gethostname()}")
+    finally:
+        p.send_signal(signal.SIGKILL)  # a crash: the kernel drops the lock, nothing stale stays behind
+        p.wait(timeout=30)
+        p.stdout.close()
+    with RunDir(tmp_path).exclusive():
+        assert (tmp_path / ".fedpriv-lock").read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
+    with RunDir(tmp_path).exclusive():  # released on leaving the block: the same process holds it again
+        pass
+
+
+def test_a_holder_that_exits_within_the_wait_lets_the_next_one_in(tmp_path: Path) -> None:
+    """The failed run's ServerApp takes seconds to exit after its SuperLink died: the resumed one waits for it."""
+    p = _holder(tmp_path)
+    waited: list[str] = []
+    timer = threading.Timer(1.0, p.kill)  # it exits while the next one waits
+    timer.start()
+    try:
+        with RunDir(tmp_path).exclusive(wait=60, on_wait=waited.append):
+            assert p.poll() is not None
+    finally:
+        timer.cancel()
+        p.kill()
+        p.wait(timeout=30)
+        p.stdout.close()
+    assert waited == [f"pid {p.pid} on {socket.gethostname()}"]  # said once whom it waited for
+
+
+def test_a_holder_that_stays_is_named_after_the_wait(tmp_path: Path) -> None:
+    p = _holder(tmp_path)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RunDirBusy, match=f"pid {p.pid} on "), RunDir(tmp_path).exclusive(wait=1.0):
+            pass
+        assert time.monotonic() - t0 >= 1.0
+    finally:
+        p.kill()
+        p.wait(timeout=30)
+        p.stdout.close()
+
+
+def test_a_new_run_directory_is_still_marked_when_locked(tmp_path: Path) -> None:
+    rd = RunDir(tmp_path / "new")
+    with rd.exclusive():
+        assert rd.is_marked()
+
+
+def test_run_federation_refuses_a_run_directory_held_elsewhere_and_writes_nothing(tmp_path: Path) -> None:
+    from common.config import RunConfig
+    from server.loop import run_federation
+
+    out = tmp_path / "run"
+    rd = RunDir(out)
+    rd.save_checkpoint(round_=1, run_id="abc", arrays=_arrays(0))
+    rd.append_metrics(RoundRow(round=1, run="abc"))
+    before = {f.relative_to(out): f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    p = _holder(out)  # the failed run's ServerApp, still running after a SuperLink restart
+    try:
+        with pytest.raises(RunDirBusy, match="is in use by another fedpriv ServerApp"):
+            run_federation(None, RunConfig(model="tiny", labels="negative,positive", out=str(out)), lock_wait=1.0)
+    finally:
+        p.kill()
+        p.wait(timeout=30)
+        p.stdout.close()
+    after = {f.relative_to(out): f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    assert after.pop(Path(".fedpriv-lock")) == f"pid {p.pid} on {socket.gethostname()}\n".encode()  # the holder's
+    assert after == before  # no metrics truncated, no config rewritten
+    quoted = ERR_BUSY.format(path="OUT", holder="pid N on HOST").split(":")[0]  # the deploy guide's troubleshooting
+    assert f"`{quoted}`" in (Path(__file__).resolve().parents[1] / "docs" / "deploy.md").read_text()
