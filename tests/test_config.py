@@ -305,6 +305,9 @@ def test_node_config_parses_and_ignores_flower_keys():
         ("delta", 0, "> 0.0 and < 1.0"),
         ("delta", 1, "> 0.0 and < 1.0"),
         ("count-noise-epsilon", -1, ">= 0.0"),
+        # an infinite ε would release exact counts labelled as noised ones
+        ("count-noise-epsilon", "inf", ">= 0.0"),
+        ("count-noise-epsilon", "nan", ">= 0.0"),
     ],
 )
 def test_node_config_ranges(key, raw, allowed):
