@@ -1,6 +1,8 @@
-"""BERT sequence classifier with a choice of pooling: the pooled [CLS] output (``cls``) or the mean of the
+"""BERT sequence classifier with a choice of pooling: the pooled [CLS] output (``cls``), the mean of the
 last hidden states over real tokens (``mean``, how sentence-transformers models such as all-MiniLM-L6-v2 were
-trained).
+trained), or that token mean taken at every transformer layer's output and averaged over the layers
+(``mean-layers``: the lower layers keep word-level cues that a frozen last layer averages away; measured on
+SST-2 under DP in docs/measured-dp-utility.md).
 
 The pooling is a property of the model, stored in its ``config.json`` as ``fedpriv_pooling`` so that training,
 evaluation, ``fedpriv fairness``, ``fedpriv compress`` and a reloaded model all pool the same way. With
@@ -18,7 +20,7 @@ import torch
 from transformers import BertForSequenceClassification
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "mean-layers")
 CONFIG_KEY = "fedpriv_pooling"
 
 
@@ -33,23 +35,43 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torc
     return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
 
 
-class FedprivBertForSequenceClassification(BertForSequenceClassification):
-    """``BertForSequenceClassification`` whose ``config.fedpriv_pooling`` chooses ``cls`` or ``mean`` pooling.
+def layers_mean_pool(hidden_states, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The average over the transformer layers (``hidden_states[1:]``: the embedding output is left out) of
+    each layer's masked token mean -> [B, H]."""
+    layers = hidden_states[1:]
+    if not layers:
+        raise ValueError("mean-layers pooling needs the transformer layers' outputs (output_hidden_states)")
+    return torch.stack([mean_pool(h, attention_mask) for h in layers]).mean(dim=0)
 
-    With ``mean`` the classifier (after dropout) reads the masked mean of the last hidden states and the BERT
-    pooler is not used (its weights stay in the checkpoint, untouched).
+
+class FedprivBertForSequenceClassification(BertForSequenceClassification):
+    """``BertForSequenceClassification`` whose ``config.fedpriv_pooling`` chooses ``cls``, ``mean`` or
+    ``mean-layers`` pooling.
+
+    With ``mean`` the classifier (after dropout) reads the masked mean of the last hidden states, with
+    ``mean-layers`` the average of every transformer layer's masked token mean; with either, the BERT pooler is
+    not used (its weights stay in the checkpoint, untouched).
     """
 
     @property
     def pooling(self) -> str:
-        return str(getattr(self.config, CONFIG_KEY, "cls") or "cls")
+        pooling = str(getattr(self.config, CONFIG_KEY, "cls") or "cls")
+        if pooling not in POOLINGS:
+            raise ValueError(f"config.json {CONFIG_KEY} must be one of {', '.join(POOLINGS)}; got {pooling!r}")
+        return pooling
 
     def features(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  inputs_embeds=None, **kwargs) -> torch.Tensor:
-        """The classifier's input [B, H] before dropout: the pooled output (``cls``) or the token mean."""
+        """The classifier's input [B, H] before dropout: the pooled output (``cls``), the token mean
+        (``mean``) or the layers' average token mean (``mean-layers``)."""
         kwargs.pop("return_dict", None)  # always a ModelOutput here (PEFT passes return_dict=None)
+        layers = self.pooling == "mean-layers"
+        if layers:
+            kwargs["output_hidden_states"] = True
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                         position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True, **kwargs)
+        if layers:
+            return layers_mean_pool(out.hidden_states, attention_mask)
         if self.pooling == "mean":
             return mean_pool(out.last_hidden_state, attention_mask)
         return out.pooler_output

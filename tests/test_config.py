@@ -120,7 +120,7 @@ def test_out_of_range_names_key_range_and_value(key, raw, allowed):
     [
         ("aggregation", "mean", "fedavg, fedmedian, trimmed-mean, krum"),
         ("train-part", "all", "auto, full, head, lora, classifier"),
-        ("pooling", "max", "auto, cls, mean"),
+        ("pooling", "max", "auto, cls, mean, mean-layers"),
         ("accountant", "gdp", "prv, rdp"),
         ("device", "gpu", "auto, cpu, cuda, cuda:N"),
     ],

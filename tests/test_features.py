@@ -41,7 +41,8 @@ def _empty_cache():
     F.clear_cache()
 
 
-@pytest.mark.parametrize(("part", "pooling"), [("classifier", "cls"), ("classifier", "mean"), ("head", "mean")])
+@pytest.mark.parametrize(("part", "pooling"), [("classifier", "cls"), ("classifier", "mean"), ("head", "mean"),
+                                                ("classifier", "mean-layers")])
 @pytest.mark.parametrize("private", [True, False])
 def test_cached_and_uncached_training_give_the_same_update(part, pooling, private, toy_encoded):
     # noise and a clip that binds: the DP mechanism is fully exercised, with a fixed noise seed
@@ -84,8 +85,9 @@ def test_the_encoder_runs_once_per_dataset(toy_encoded, monkeypatch):
     assert len(calls) == 3
 
 
-def test_predictions_from_cached_features_equal_a_forward_pass(toy_encoded):
-    model = model_for("classifier", "mean")
+@pytest.mark.parametrize("pooling", ["mean", "mean-layers"])
+def test_predictions_from_cached_features_equal_a_forward_pass(toy_encoded, pooling):
+    model = model_for("classifier", pooling)
     with torch.no_grad():
         model.classifier.weight.add_(torch.randn(model.classifier.weight.shape, generator=torch.Generator().manual_seed(0)))
     want = predict(model, toy_encoded, device=CPU)
