@@ -50,14 +50,17 @@ DELTA = 1e-5
 def prepare(args, tmp: Path):
     import torch
 
-    if args.features_file and Path(args.features_file).is_file():  # a previous stage's encoding (public data)
-        return torch.load(args.features_file, weights_only=False)
-
     cfg = RunConfig(model=args.model, train_part="classifier", pooling=args.pooling, text_col="sentence",
                     label_col="label", max_length=args.max_length, seed=0, out=str(tmp)).resolved()
+    if args.features_file and Path(args.features_file).is_file():  # a previous stage's encoding (public data)
+        nodes, dev_enc, dev_feats, info = torch.load(args.features_file, weights_only=False)
+        # the model is rebuilt (same seeded head), never unpickled: its hooks do not pickle
+        model = build_model(ModelSpec(cfg.model, tuple(info["labels"]), train_part="classifier",
+                                      pooling=info["pooling"]))
+        return model, nodes, dev_enc, dev_feats, info
     cfg, nodes_dir = prepare_nodes(cfg, SimOptions(nodes=4, data=str(Path(args.data_dir) / "train.tsv"),
                                                    partition="dirichlet", alpha=1.0), tmp)
-    pooling = resolve_pooling(cfg.pooling, cfg.model)
+    pooling = resolve_pooling(cfg.pooling, cfg.model, cfg.train_part, cfg.top_k_layers)
     model = build_model(ModelSpec(cfg.model, tuple(cfg.label_names), train_part="classifier", pooling=pooling))
     t0 = time.perf_counter()
     nodes = []
@@ -71,10 +74,12 @@ def prepare(args, tmp: Path):
     dev_feats = encode_features(model, dev_enc, device=torch.device("cpu"))
     encode_s = time.perf_counter() - t0
     norms = torch.cat([f for _, _, f in nodes]).norm(dim=1)
-    info = {"pooling": pooling, "node_sizes": [len(e) for _, e, _ in nodes], "encode_seconds": round(encode_s, 1),
+    info = {"pooling": pooling, "labels": list(cfg.label_names), "node_sizes": [len(e) for _, e, _ in nodes], "encode_seconds": round(encode_s, 1),
             "feature_norm_median": round(float(norms.median()), 3), "dev_rows": len(dev_enc)}
-    if args.features_file:
-        torch.save((model, nodes, dev_enc, dev_feats, info), args.features_file)
+    if args.features_file:  # written whole or not at all: a half-written file would fail the next stage
+        part = Path(args.features_file + ".part")
+        torch.save((nodes, dev_enc, dev_feats, info), part)
+        part.replace(args.features_file)
     return model, nodes, dev_enc, dev_feats, info
 
 
@@ -117,6 +122,14 @@ def federate(model, nodes, dev_enc, dev_feats, *, eps, batch, epochs, lr, clip, 
     return {"dev_accuracy": accs[-1], "by_round": [round(a, 4) for a in accs]}
 
 
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
+
+
 def main() -> None:
     import torch
 
@@ -134,16 +147,25 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--features-file", default="", help="keep the encoded SST-2 features here between stages")
+    ap.add_argument("--epsilons", default="8,1", help="the grid and clip stages' ε values (final: inf,8,3,1)")
+    ap.add_argument("--grid-seeds", type=int, default=1,
+                    help="noise seeds per grid/clip setting (the median is compared; one seed is noisy: ±0.01)")
+    ap.add_argument("--batches", default="128,256,512", help="the grid stage's expected batch sizes")
+    ap.add_argument("--epochs-list", default="4,8", help="the grid stage's local epochs")
+    ap.add_argument("--lrs", default="0.05,0.1,0.2", help="the grid stage's learning rates")
+    ap.add_argument("--clips", default="0.1,0.25,0.5,1,2", help="the clip stage's clipping norms")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model, nodes, dev_enc, dev_feats, info = prepare(args, Path(tmp))
     print(json.dumps({"prepared": info}), flush=True)
+    epsilons = [float(e) for e in args.epsilons.split(",")]
     if args.stage == "grid":
-        grid = [(e, b, ep, lr, args.clip, 1) for e in (8.0, 1.0) for b, ep, lr in
-                itertools.product((128, 256, 512), (4, 8), (0.05, 0.1, 0.2))]
+        grid = [(e, b, ep, lr, args.clip, args.grid_seeds) for e in epsilons for b, ep, lr in
+                itertools.product(_ints(args.batches), _ints(args.epochs_list), _floats(args.lrs))]
     elif args.stage == "clip":
-        grid = [(e, args.batch, args.epochs, args.lr, c, 1) for e in (8.0, 1.0) for c in (0.1, 0.25, 0.5, 1.0, 2.0)]
+        grid = [(e, args.batch, args.epochs, args.lr, c, args.grid_seeds) for e in epsilons
+                for c in _floats(args.clips)]
     else:
         grid = [(e, args.batch, args.epochs, args.lr, args.clip, args.seeds) for e in (None, 8.0, 3.0, 1.0)]
     summary = []
