@@ -60,7 +60,7 @@ def prepare(args, tmp: Path):
         return model, nodes, dev_enc, dev_feats, info
     cfg, nodes_dir = prepare_nodes(cfg, SimOptions(nodes=4, data=str(Path(args.data_dir) / "train.tsv"),
                                                    partition="dirichlet", alpha=1.0), tmp)
-    pooling = resolve_pooling(cfg.pooling, cfg.model, cfg.train_part, cfg.top_k_layers)
+    pooling = resolve_pooling(cfg.pooling, cfg.model)
     model = build_model(ModelSpec(cfg.model, tuple(cfg.label_names), train_part="classifier", pooling=pooling))
     t0 = time.perf_counter()
     nodes = []

@@ -164,8 +164,7 @@ class RunConfig:
     # auto (default): classifier under DP, full without (common/recipes.py) | full | head | lora | classifier
     # (the output layer alone on the frozen encoder: most DP-friendly, trains on cached features)
     train_part: str = "auto"
-    # auto (sentence-transformers models: mean-layers when the encoder is frozen, mean when it trains; else cls)
-    pooling: str = "auto"  # | cls | mean | mean-layers
+    pooling: str = "auto"  # auto (the model's own: mean for sentence-transformers models, else cls) | cls | mean | mean-layers
     top_k_layers: int = 0  # with train-part=head: also train the top k encoder layers (0 = classifier + pooler)
     lora_r: int = 8
     lora_alpha: int = 16

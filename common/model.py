@@ -10,8 +10,8 @@ Models come from three places, never from a hub:
 Pooling (what the classifier reads) is a property of the model: ``cls`` (BERT's pooled [CLS] output),
 ``mean`` (the mean of the last hidden states over real tokens, how sentence-transformers models such as the
 default MiniLM were trained) or ``mean-layers`` (that token mean at every transformer layer, averaged).
-:func:`resolve_pooling` picks the pooling for ``auto`` from the model and the train part; it is stored in
-``config.json`` (``fedpriv_pooling``) so a saved model predicts the same after loading. See docs/models.md.
+:func:`resolve_pooling` picks the model's own pooling for ``auto``; it is stored in ``config.json``
+(``fedpriv_pooling``) so a saved model predicts the same after loading. See docs/models.md.
 
 Only the trainable tensors travel between server and nodes. They are named by their key in the model's
 ``state_dict`` (without Opacus ``_module.`` prefixes), kept in ``float32``, and round-trip exactly.
@@ -77,20 +77,14 @@ def resolve_source(source: str) -> Path:
     return path
 
 
-def frozen_part(train_part: str, top_k_layers: int = 0) -> bool:
-    """True when the train part leaves the whole encoder frozen (``classifier``; ``head`` without layers)."""
-    return train_part == "classifier" or (train_part == "head" and top_k_layers == 0)
+def resolve_pooling(requested: str, source: str) -> str:
+    """The pooling a model uses: ``requested`` unless it is ``auto``; then the model's own.
 
-
-def resolve_pooling(requested: str, source: str, train_part: str = "", top_k_layers: int = 0) -> str:
-    """The pooling a model uses: ``requested`` unless it is ``auto``; then the model's own, adapted to what trains.
-
-    ``auto`` is the stored ``fedpriv_pooling`` of a directory saved by fedpriv (kept as it was trained), ``cls``
-    for ``tiny`` and plain BERT, and for a sentence-transformers directory whose pooling config
-    (``modules.json`` -> ``1_Pooling/config.json``) sets ``pooling_mode_mean_tokens`` (the default MiniLM):
-    ``mean-layers`` when the encoder stays frozen (``train_part`` ``classifier``, or ``head`` without layers:
-    a probe reads every layer; measured +0.01-0.02 SST-2 dev accuracy under DP, docs/measured-dp-utility.md)
-    and ``mean`` when it trains (the pooling the model was trained with; also when ``train_part`` is unknown).
+    ``auto`` is ``mean`` for a sentence-transformers directory whose pooling config (``modules.json`` ->
+    ``1_Pooling/config.json``) sets ``pooling_mode_mean_tokens`` (the default MiniLM), the stored
+    ``fedpriv_pooling`` of a directory saved by fedpriv, and ``cls`` otherwise (``tiny``, plain BERT).
+    ``mean-layers`` is never chosen by ``auto``: under DP on SST-2 it measured no better than ``mean``
+    (docs/measured-dp-utility.md, session 6); ask for it explicitly.
     """
     if requested in POOLINGS:
         return requested
@@ -98,10 +92,7 @@ def resolve_pooling(requested: str, source: str, train_part: str = "", top_k_lay
         raise ValueError(ERR_POOLING.format(value=requested))
     if source == "tiny":
         return "cls"
-    own = _own_pooling(source)
-    if own == "mean" and frozen_part(train_part, top_k_layers) and not _saved_pooling(source):
-        return "mean-layers"
-    return own
+    return _own_pooling(source)
 
 
 def _saved_pooling(source: str) -> str:
@@ -165,7 +156,7 @@ def build_model(spec: ModelSpec):
     from transformers import BertConfig
 
     cls = classifier_class()
-    pooling = resolve_pooling(spec.pooling, spec.source, spec.train_part, spec.top_k_layers)
+    pooling = resolve_pooling(spec.pooling, spec.source)
     num_labels = len(spec.labels)
     id2label = dict(enumerate(spec.labels))
     label2id = {v: k for k, v in id2label.items()}

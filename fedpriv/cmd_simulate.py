@@ -67,8 +67,8 @@ def register(sub) -> None:
                    help="what trains (default auto: classifier, the output layer on the frozen encoder, under DP; "
                    "full without DP); recipes: docs/models.md")
     m.add_argument("--pooling", choices=("auto", "cls", "mean", "mean-layers"),
-                   help="what the classifier reads (default auto: for MiniLM mean-layers when the encoder is "
-                   "frozen, mean when it trains; cls for plain BERT)")
+                   help="what the classifier reads (default auto: the model's own, mean for MiniLM; mean-layers: "
+                   "every layer's token mean, averaged)")
     m.add_argument("--top-k-layers", type=int, help="with --train-part head: also train the top k layers (default 0)")
     m.add_argument("--local-epochs", type=int, help="local epochs per round (default: the train part's recipe)")
     m.add_argument("--batch-size", type=int, help="(expected) batch size (default: the train part's recipe)")

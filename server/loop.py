@@ -170,7 +170,7 @@ def run_federation(grid, cfg: RunConfig, *, progress: Progress | None = None,
     # ``auto`` and recipe values (0) become concrete here, so the round config every node receives (and
     # accounts for), the run directory's config and the report all name what actually trained.
     cfg = cfg.resolved()
-    cfg = cfg.replace(pooling=resolve_pooling(cfg.pooling, cfg.model, cfg.train_part, cfg.top_k_layers))
+    cfg = cfg.replace(pooling=resolve_pooling(cfg.pooling, cfg.model))
     rundir = RunDir(cfg.out)
     def waiting(holder: str) -> None:
         log.warning("waiting up to %.0f s for %s: it is held by %s (a failed run's ServerApp still exiting?)",

@@ -1,6 +1,5 @@
-"""Pooling as a model property: auto picks the model's own (mean-layers for a frozen sentence-transformers
-encoder), mean pooling is a masked mean, mean-layers the layers' average of it, the pooler never trains under
-either, and a saved model pools (and predicts) the same after loading, through fedpriv's loaders, `fedpriv
+"""Pooling as a model property: auto picks the model's own (never mean-layers), mean pooling is a masked mean,
+mean-layers the layers' average of it, the pooler never trains under either, and a saved model pools (and predicts) the same after loading, through fedpriv's loaders, `fedpriv
 compress`'s loader and plain transformers with trust_remote_code."""
 
 from __future__ import annotations
@@ -36,35 +35,25 @@ def mean_model(part: str = "classifier", k: int = 0, pooling: str = "mean"):
 
 def test_auto_pooling_is_the_models_own(tmp_path):
     assert resolve_pooling("auto", "minilm") == "mean"  # sentence-transformers: 1_Pooling mean tokens
-    assert resolve_pooling("auto", "minilm", "full") == "mean"  # the encoder trains: the pooling it knows
-    assert resolve_pooling("auto", "minilm", "lora") == "mean"
-    assert resolve_pooling("auto", "minilm", "head", 2) == "mean"
-    # a frozen encoder (the DP default): the classifier reads every layer's token mean
-    assert resolve_pooling("auto", "minilm", "classifier") == "mean-layers"
-    assert resolve_pooling("auto", "minilm", "head", 0) == "mean-layers"
     assert resolve_pooling("auto", "tiny") == "cls"
-    assert resolve_pooling("auto", "tiny", "classifier") == "cls"
     assert resolve_pooling("cls", "minilm") == "cls"  # explicit wins
-    assert resolve_pooling("mean", "minilm", "classifier") == "mean"
+    assert resolve_pooling("mean-layers", "minilm") == "mean-layers"
     plain = tmp_path / "plain"
     plain.mkdir()
     (plain / "config.json").write_text(json.dumps({"model_type": "bert"}))
     assert resolve_pooling("auto", str(plain)) == "cls"
     (plain / "config.json").write_text(json.dumps({"model_type": "bert", "fedpriv_pooling": "mean"}))
     assert resolve_pooling("auto", str(plain)) == "mean"  # a directory fedpriv saved keeps its pooling
-    assert resolve_pooling("auto", str(plain), "classifier") == "mean"  # ... even when only the head trains on
     (plain / "config.json").write_text(json.dumps({"model_type": "bert", "fedpriv_pooling": "mean-layers"}))
-    assert resolve_pooling("auto", str(plain), "full") == "mean-layers"
+    assert resolve_pooling("auto", str(plain)) == "mean-layers"
     st = tmp_path / "st"
     (st / "1_Pooling").mkdir(parents=True)
     (st / "config.json").write_text("{}")
     (st / "modules.json").write_text(json.dumps([{"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
     (st / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
     assert resolve_pooling("auto", str(st)) == "cls"
-    assert resolve_pooling("auto", str(st), "classifier") == "cls"  # only a mean-pooled model reads all layers
     (st / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
-    assert resolve_pooling("auto", str(st), "classifier") == "mean-layers"
-    assert resolve_pooling("auto", str(st), "full") == "mean"
+    assert resolve_pooling("auto", str(st)) == "mean"
     assert (minilm_path() / "modules.json").is_file()
     with pytest.raises(ValueError, match="pooling must be auto, cls, mean or mean-layers; got 'max'"):
         resolve_pooling("max", "tiny")
@@ -163,8 +152,5 @@ def test_compress_keeps_the_pooling(tokenizer, tmp_path, pooling):
 
 def test_the_default_minilm_builds_mean_pooled():
     model = build_model(ModelSpec("minilm", LABELS, train_part="classifier"))
-    assert model.config.fedpriv_pooling == "mean-layers"  # a frozen encoder: the probe reads every layer
+    assert model.config.fedpriv_pooling == "mean"
     assert trainable_names(model) == ["classifier.weight", "classifier.bias"]
-    full = build_model(ModelSpec("minilm", LABELS, train_part="full"))
-    assert full.config.fedpriv_pooling == "mean"
-    assert not any("pooler" in n for n in trainable_names(full))
