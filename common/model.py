@@ -86,30 +86,17 @@ def resolve_pooling(requested: str, source: str) -> str:
     ``mean-layers`` is never chosen by ``auto``: under DP on SST-2 it measured no better than ``mean``
     (docs/measured-dp-utility.md, session 6); ask for it explicitly.
     """
+    import json
+
     if requested in POOLINGS:
         return requested
     if requested not in ("", "auto"):
         raise ValueError(ERR_POOLING.format(value=requested))
     if source == "tiny":
         return "cls"
-    return _own_pooling(source)
-
-
-def _saved_pooling(source: str) -> str:
-    """The pooling stored in a directory fedpriv saved (``config.json`` ``fedpriv_pooling``), or ``""``."""
-    import json
-
-    saved = json.loads((resolve_source(source) / "config.json").read_text()).get("fedpriv_pooling")
-    return saved if saved in POOLINGS else ""
-
-
-def _own_pooling(source: str) -> str:
-    """The pooling a model directory declares: fedpriv's stored one, a sentence-transformers one, else ``cls``."""
-    import json
-
     path = resolve_source(source)
-    saved = _saved_pooling(source)
-    if saved:
+    saved = json.loads((path / "config.json").read_text()).get("fedpriv_pooling")
+    if saved in POOLINGS:
         return saved
     modules = path / "modules.json"
     if modules.is_file():
